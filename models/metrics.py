@@ -1,0 +1,193 @@
+"""Ranking metrics of the ∞-AE paper, vectorised over users.
+
+Definitions (``../shared/docs/algorithms.md``, "Evaluation"); for a user with target set ``T``
+(``p = |T| ≥ 1``) and ranked list ``R`` (seen items removed):
+
+* ``HR@k   = |R[:k] ∩ T| / min(p, k)``
+* ``nDCG@k = Σ_{i<k, R[i]∈T} 1/log2(i+2) / Σ_{i<min(p,k)} 1/log2(i+2)``
+* ``PSP@k  = [Σ_{i<k, R[i]∈T} w_{R[i]} / min(p, k)] / [Σ of the min(p, k) largest w_j, j ∈ T]``
+  with propensity weights ``w_j = 1 + C (n_j + B)^(-A)``, ``A = 0.55``, ``B = 1.5``,
+  ``C = (ln N − 1)(B + 1)^A`` (the reference divides only the numerator by ``min(p, k)``).
+* ``AUC``: one global AUC over the pooled scores of every user's targets (label 1) and of their
+  50 sampled negatives (label 0), taken before seen items are masked.
+
+Every metric but AUC is reported ×100, averaged over users with ``p ≥ 1``. No file I/O here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.stats import rankdata
+
+METRIC_KEYS: tuple[str, ...] = ("hr@10", "ndcg@10", "hr@100", "ndcg@100", "psp@10", "psp@100", "auc")
+KS: tuple[int, ...] = (10, 100)
+PSP_A = 0.55
+PSP_B = 1.5
+
+
+def propensity_weights(train_counts: np.ndarray, n_train: int) -> np.ndarray:
+    """PSP item weights ``w_j = 1 + C (n_j + B)^(-A)`` from per-item train counts ``n_j``."""
+    counts = np.asarray(train_counts, dtype=np.float64)
+    c = (np.log(n_train) - 1.0) * (PSP_B + 1.0) ** PSP_A
+    return 1.0 + c * (counts + PSP_B) ** (-PSP_A)
+
+
+def top_k_unseen(scores: np.ndarray, seen: sp.csr_matrix, k: int) -> np.ndarray:
+    """Indices of the ``k`` best items per row of ``scores`` with ``seen`` items excluded.
+
+    Rows are ranked by descending score; ties are broken by the lower item index so the result
+    is deterministic. ``scores`` is not modified.
+    """
+    scores = np.array(scores, dtype=np.float32, copy=True)
+    n, m = scores.shape
+    if seen is not None and seen.nnz:
+        seen = seen.tocoo()
+        scores[seen.row, seen.col] = -np.inf
+    np.nan_to_num(scores, copy=False, nan=-np.inf)
+    k = min(k, m)
+    if k < m:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(m), (n, m)).copy()
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    # lexsort: last key is primary → sort by -score, then by item index
+    order = np.lexsort((part, -part_scores), axis=1)
+    return np.take_along_axis(part, order, axis=1)
+
+
+@dataclass
+class RankingAccumulator:
+    """Accumulates per-user metric sums batch by batch (so scores never need to be held whole)."""
+
+    weights: np.ndarray
+    ks: tuple[int, ...] = KS
+    sums: dict[str, float] = field(default_factory=dict)
+    n_users: int = 0
+    pos_scores: list[np.ndarray] = field(default_factory=list)
+    neg_scores: list[np.ndarray] = field(default_factory=list)
+
+    def add(
+        self,
+        ranked: np.ndarray,
+        targets: sp.csr_matrix,
+        raw_scores: np.ndarray | None = None,
+        negatives: np.ndarray | None = None,
+    ) -> None:
+        """Add a batch: ``ranked`` (b × K item ids, best first, seen removed), ``targets`` (b × m).
+
+        ``raw_scores`` (b × m, before masking) and ``negatives`` (b × 50 item ids) feed the AUC.
+        """
+        targets = sp.csr_matrix(targets)
+        p = np.diff(targets.indptr)
+        keep = p > 0
+        if raw_scores is not None and negatives is not None:
+            coo = targets.tocoo()
+            self.pos_scores.append(np.asarray(raw_scores[coo.row, coo.col], dtype=np.float64))
+            neg = np.take_along_axis(raw_scores[keep], negatives[keep], axis=1)
+            self.neg_scores.append(neg.ravel().astype(np.float64))
+        if not keep.any():
+            return
+        ranked = ranked[keep]
+        targets = targets[keep]
+        p = p[keep].astype(np.float64)
+        # hits[u, i] = ranked[u, i] ∈ T_u ; read from the sparse target rows without densifying
+        rows = np.repeat(np.arange(ranked.shape[0]), ranked.shape[1])
+        hits = np.asarray(targets[rows, ranked.ravel()]).reshape(ranked.shape) > 0
+        discount = 1.0 / np.log2(np.arange(ranked.shape[1]) + 2.0)
+        idcg_cum = np.cumsum(discount)
+        # the largest weights among each user's targets, sorted descending, for the PSP ideal
+        w_t = targets.multiply(self.weights[None, :]).tocsr()
+        w_sorted = _row_sorted_desc(w_t, max(self.ks))
+        w_cum = np.cumsum(w_sorted, axis=1)
+        for k in self.ks:
+            if ranked.shape[1] < k:
+                raise ValueError(f"ranked lists have {ranked.shape[1]} items, fewer than k={k}")
+            h = hits[:, :k]
+            denom = np.minimum(p, k)
+            idx = denom.astype(np.int64) - 1
+            hr = h.sum(axis=1) / denom
+            ndcg = (h * discount[:k]).sum(axis=1) / idcg_cum[idx]
+            gain = (h * self.weights[ranked[:, :k]]).sum(axis=1) / denom
+            psp = gain / w_cum[np.arange(len(idx)), idx]
+            for name, vals in (("hr", hr), ("ndcg", ndcg), ("psp", psp)):
+                key = f"{name}@{k}"
+                self.sums[key] = self.sums.get(key, 0.0) + float(vals.sum())
+        self.n_users += int(keep.sum())
+
+    def result(self) -> dict[str, float]:
+        """Means ×100 over users with targets, plus the pooled AUC (a fraction)."""
+        if self.n_users == 0:
+            raise ValueError("no user has a target item: nothing to evaluate")
+        out = {key: 100.0 * self.sums[key] / self.n_users for key in self.sums}
+        if self.pos_scores:
+            out["auc"] = pooled_auc(np.concatenate(self.pos_scores), np.concatenate(self.neg_scores))
+        return {key: out[key] for key in METRIC_KEYS if key in out}
+
+
+def _row_sorted_desc(mat: sp.csr_matrix, width: int) -> np.ndarray:
+    """Each row's stored values sorted descending, zero-padded to ``width`` columns."""
+    n = mat.shape[0]
+    out = np.zeros((n, width), dtype=np.float64)
+    counts = np.diff(mat.indptr)
+    if mat.nnz == 0:
+        return out
+    rows = np.repeat(np.arange(n), counts)
+    order = np.lexsort((-mat.data, rows))
+    pos = np.arange(mat.nnz) - np.repeat(mat.indptr[:-1], counts)
+    ok = pos < width
+    out[rows[ok], pos[ok]] = mat.data[order][ok]
+    return out
+
+
+def pooled_auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Global AUC (Mann–Whitney, ties counted ½) of positive against negative scores."""
+    pos = np.asarray(pos, dtype=np.float64)
+    neg = np.asarray(neg, dtype=np.float64)
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("AUC needs at least one positive and one negative score")
+    ranks = rankdata(np.concatenate([pos, neg]))
+    n_pos, n_neg = len(pos), len(neg)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def sample_negatives(
+    positives: sp.csr_matrix, n_neg: int, seed: int, batch_size: int = 1024
+) -> np.ndarray:
+    """``n_neg`` distinct items per user, drawn with a fixed seed among items the user never saw.
+
+    ``positives`` (users × items) holds every known interaction of each user (train, val and
+    test), so a negative is in neither the user's train nor test set. Each user gets a uniform
+    random subset (the ``n_neg`` smallest of i.i.d. uniform keys over their unseen items).
+    """
+    positives = sp.csr_matrix(positives)
+    n, m = positives.shape
+    counts = np.diff(positives.indptr)
+    if np.any(m - counts < n_neg):
+        raise ValueError(f"some user has fewer than {n_neg} items never interacted with")
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, n_neg), dtype=np.int64)
+    for start in range(0, n, batch_size):
+        block = positives[start : start + batch_size].tocoo()
+        keys = rng.random((block.shape[0], m))
+        keys[block.row, block.col] = np.inf
+        part = np.argpartition(keys, n_neg - 1, axis=1)[:, :n_neg]
+        out[start : start + block.shape[0]] = np.sort(part, axis=1)
+    return out
+
+
+def evaluate_scores(
+    scores: np.ndarray,
+    targets: sp.csr_matrix,
+    seen: sp.csr_matrix,
+    weights: np.ndarray,
+    negatives: np.ndarray | None = None,
+    ks: tuple[int, ...] = KS,
+) -> dict[str, float]:
+    """All metrics for one dense score matrix (users × items). Convenience for small data."""
+    acc = RankingAccumulator(weights=weights, ks=ks)
+    ranked = top_k_unseen(scores, seen, max(ks))
+    acc.add(ranked, targets, raw_scores=scores if negatives is not None else None, negatives=negatives)
+    return acc.result()
