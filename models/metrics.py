@@ -35,24 +35,31 @@ def propensity_weights(train_counts: np.ndarray, n_train: int) -> np.ndarray:
     return 1.0 + c * (counts + PSP_B) ** (-PSP_A)
 
 
-def top_k_unseen(scores: np.ndarray, seen: sp.csr_matrix, k: int) -> np.ndarray:
+def top_k_unseen(
+    scores: np.ndarray, seen: sp.csr_matrix | None, k: int, *, overwrite: bool = False
+) -> np.ndarray:
     """Indices of the ``k`` best items per row of ``scores`` with ``seen`` items excluded.
 
     Rows are ranked by descending score; ties are broken by the lower item index so the result
-    is deterministic. ``scores`` is not modified.
+    is deterministic. NaN scores rank last. ``scores`` is modified only if ``overwrite``.
     """
-    scores = np.array(scores, dtype=np.float32, copy=True)
-    n, m = scores.shape
+    if overwrite and scores.dtype == np.float32 and scores.flags.writeable:
+        s = scores
+    else:
+        s = np.array(scores, dtype=np.float32, copy=True)
+    n, m = s.shape
     if seen is not None and seen.nnz:
         seen = seen.tocoo()
-        scores[seen.row, seen.col] = -np.inf
-    np.nan_to_num(scores, copy=False, nan=-np.inf)
+        s[seen.row, seen.col] = -np.inf
+    nan = np.isnan(s)
+    if nan.any():
+        s[nan] = -np.inf
     k = min(k, m)
     if k < m:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        part = np.argpartition(s, m - k, axis=1)[:, m - k :]
     else:
         part = np.broadcast_to(np.arange(m), (n, m)).copy()
-    part_scores = np.take_along_axis(scores, part, axis=1)
+    part_scores = np.take_along_axis(s, part, axis=1)
     # lexsort: last key is primary → sort by -score, then by item index
     order = np.lexsort((part, -part_scores), axis=1)
     return np.take_along_axis(part, order, axis=1)
@@ -69,6 +76,15 @@ class RankingAccumulator:
     pos_scores: list[np.ndarray] = field(default_factory=list)
     neg_scores: list[np.ndarray] = field(default_factory=list)
 
+    def add_auc(self, raw_scores: np.ndarray, targets: sp.csr_matrix, negatives: np.ndarray) -> None:
+        """Pool a batch's target scores (label 1) and negative scores (label 0), before masking."""
+        targets = sp.csr_matrix(targets)
+        keep = np.diff(targets.indptr) > 0
+        coo = targets.tocoo()
+        self.pos_scores.append(np.asarray(raw_scores[coo.row, coo.col], dtype=np.float64))
+        neg = np.take_along_axis(raw_scores[keep], negatives[keep], axis=1)
+        self.neg_scores.append(neg.ravel().astype(np.float64))
+
     def add(
         self,
         ranked: np.ndarray,
@@ -84,10 +100,7 @@ class RankingAccumulator:
         p = np.diff(targets.indptr)
         keep = p > 0
         if raw_scores is not None and negatives is not None:
-            coo = targets.tocoo()
-            self.pos_scores.append(np.asarray(raw_scores[coo.row, coo.col], dtype=np.float64))
-            neg = np.take_along_axis(raw_scores[keep], negatives[keep], axis=1)
-            self.neg_scores.append(neg.ravel().astype(np.float64))
+            self.add_auc(raw_scores, targets, negatives)
         if not keep.any():
             return
         ranked = ranked[keep]
@@ -103,14 +116,14 @@ class RankingAccumulator:
         w_sorted = _row_sorted_desc(w_t, max(self.ks))
         w_cum = np.cumsum(w_sorted, axis=1)
         for k in self.ks:
-            if ranked.shape[1] < k:
-                raise ValueError(f"ranked lists have {ranked.shape[1]} items, fewer than k={k}")
-            h = hits[:, :k]
+            # a catalogue smaller than k ranks every item: R[:k] is then the whole list
+            kk = min(k, ranked.shape[1])
+            h = hits[:, :kk]
             denom = np.minimum(p, k)
             idx = denom.astype(np.int64) - 1
             hr = h.sum(axis=1) / denom
-            ndcg = (h * discount[:k]).sum(axis=1) / idcg_cum[idx]
-            gain = (h * self.weights[ranked[:, :k]]).sum(axis=1) / denom
+            ndcg = (h * discount[:kk]).sum(axis=1) / _ideal_dcg(idcg_cum, idx)
+            gain = (h * self.weights[ranked[:, :kk]]).sum(axis=1) / denom
             psp = gain / w_cum[np.arange(len(idx)), idx]
             for name, vals in (("hr", hr), ("ndcg", ndcg), ("psp", psp)):
                 key = f"{name}@{k}"
@@ -125,6 +138,13 @@ class RankingAccumulator:
         if self.pos_scores:
             out["auc"] = pooled_auc(np.concatenate(self.pos_scores), np.concatenate(self.neg_scores))
         return {key: out[key] for key in METRIC_KEYS if key in out}
+
+
+def _ideal_dcg(idcg_cum: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Σ_{i≤idx} 1/log2(i+2), also past the computed prefix (p > list length)."""
+    if idx.size and idx.max() >= len(idcg_cum):
+        idcg_cum = np.cumsum(1.0 / np.log2(np.arange(idx.max() + 1) + 2.0))
+    return idcg_cum[idx]
 
 
 def _row_sorted_desc(mat: sp.csr_matrix, width: int) -> np.ndarray:
@@ -188,6 +208,7 @@ def evaluate_scores(
 ) -> dict[str, float]:
     """All metrics for one dense score matrix (users × items). Convenience for small data."""
     acc = RankingAccumulator(weights=weights, ks=ks)
-    ranked = top_k_unseen(scores, seen, max(ks))
-    acc.add(ranked, targets, raw_scores=scores if negatives is not None else None, negatives=negatives)
+    if negatives is not None:
+        acc.add_auc(scores, targets, negatives)
+    acc.add(top_k_unseen(scores, seen, max(ks)), targets)
     return acc.result()

@@ -1,0 +1,139 @@
+"""∞-AE behaviour: closed-form fit, the λ path, masking, batching, singular supports."""
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from models.baselines import EASE, PopRec, ease_weights, fit_ease_select
+from models.infinite_ae import (
+    EvalSet,
+    InfAE,
+    SingularKernelWarning,
+    evaluate,
+    evaluate_score_batches,
+    fit_select,
+    kernel_matrix,
+    scaled_lambda,
+    solve_alpha,
+)
+from models.kernels import NTKConfig, ntk_kernel_fn
+from models.metrics import propensity_weights
+
+
+def low_rank_data(seed=0, n=120, m=60, rank=3):
+    """Users drawn from a few taste groups, split into train / val targets."""
+    rng = np.random.default_rng(seed)
+    u = rng.normal(size=(n, rank))
+    v = rng.normal(size=(m, rank))
+    prob = 1 / (1 + np.exp(-(u @ v.T) * 2 + 2.0))
+    full = rng.random((n, m)) < prob
+    full[np.arange(n), rng.integers(0, m, n)] = True
+    hold = (rng.random((n, m)) < 0.2) & full
+    train = sp.csr_matrix((full & ~hold).astype(np.float32))
+    val = sp.csr_matrix(hold.astype(np.float32))
+    w = propensity_weights(np.asarray(train.sum(0)).ravel(), train.nnz)
+    return train, val, w
+
+
+def test_alpha_solves_the_ridge_system():
+    train, _, _ = low_rank_data()
+    x = train.toarray()
+    k = kernel_matrix(x)
+    np.testing.assert_allclose(k, ntk_kernel_fn()(x), rtol=1e-6)
+    alpha, lam_s = solve_alpha(k, x, 5.0)
+    assert lam_s == pytest.approx(5.0 * np.trace(k) / k.shape[0], rel=1e-6)
+    resid = (k.astype(np.float64) + lam_s * np.eye(len(k))) @ alpha - x
+    assert np.abs(resid).max() < 1e-3
+
+
+def test_support_shortcut_equals_explicit_kernel_scores():
+    """Validation through K α = X − λ̃α gives exactly the λ path of explicit scoring."""
+    train, val, w = low_rank_data(1)
+    ev = EvalSet(context=train, targets=val, weights=w,
+                 negatives=np.tile(np.arange(5), (train.shape[0], 1)))
+    fast_model, fast = fit_select(train, ev, [0.5, 5, 50], support_is_val_context=True)
+    slow_model, slow = fit_select(train, ev, [0.5, 5, 50], support_is_val_context=False)
+    assert fast_model.lam == slow_model.lam
+    for a, b in zip(fast, slow):
+        for key in ("hr@10", "hr@100", "ndcg@10"):
+            assert a.val[key] == pytest.approx(b.val[key], abs=1e-6)
+        assert a.val["auc"] == pytest.approx(b.val["auc"], abs=1e-4)
+
+
+def test_beats_popularity_and_selects_best_lambda():
+    train, val, w = low_rank_data(2, n=200, m=80)
+    ev = EvalSet(context=train, targets=val, weights=w)
+    model, path = fit_select(train, ev, [1, 5, 20, 100], support_is_val_context=True)
+    best = max(path, key=lambda r: r.val["hr@100"])
+    assert model.lam == best.lam
+    pop = evaluate_score_batches(PopRec.fit(train).iter_scores(train), ev)
+    assert best.val["ndcg@10"] > pop["ndcg@10"] + 1.0
+
+
+def test_recommend_masks_seen_and_batches_agree():
+    train, _, _ = low_rank_data(3)
+    x = train.toarray()
+    alpha, lam_s = solve_alpha(kernel_matrix(x), x, 5.0)
+    model = InfAE(support=x, alpha=alpha, lam=5.0, lam_scaled=lam_s)
+    items_all, scores_all = model.recommend(train, k=10, batch_size=1000)
+    items_b, scores_b = model.recommend(train, k=10, batch_size=7)
+    np.testing.assert_array_equal(items_all, items_b)
+    np.testing.assert_allclose(scores_all, scores_b, rtol=1e-5, atol=1e-6)
+    assert not x[np.arange(len(x))[:, None], items_all].any()
+    assert np.all(np.diff(scores_all, axis=1) <= 0)
+
+
+def test_duplicate_rows_at_lambda_zero_warn_and_stay_finite():
+    train, val, w = low_rank_data(4, n=60)
+    dup = sp.vstack([train, train[:20]]).tocsr()
+    dup_val = sp.vstack([val, val[:20]]).tocsr()
+    ev = EvalSet(context=dup, targets=dup_val, weights=w)
+    with pytest.warns(SingularKernelWarning):
+        model, path = fit_select(dup, ev, [0.0, 1.0], support_is_val_context=True)
+    assert path[0].stabilised and path[0].lam_scaled > 0
+    assert all(np.isfinite(list(r.val.values())).all() for r in path)
+    items, scores = model.recommend(dup[:5], k=5)
+    assert np.isfinite(scores).all()
+
+
+def test_depth_changes_the_kernel_but_fits_fine():
+    train, val, w = low_rank_data(5)
+    ev = EvalSet(context=train, targets=val, weights=w)
+    m1, _ = fit_select(train, ev, [5], NTKConfig(depth=1), support_is_val_context=True)
+    m2, _ = fit_select(train, ev, [5], NTKConfig(depth=2), support_is_val_context=True)
+    assert not np.allclose(m1.alpha, m2.alpha)
+    assert m2.config.depth == 2
+
+
+def test_ease_closed_form_matches_definition():
+    train, val, w = low_rank_data(6)
+    x = train.toarray().astype(np.float64)
+    g = x.T @ x
+    b = ease_weights(g.astype(np.float32), 10.0)
+    p = np.linalg.inv(g + 10 * np.eye(len(g)))
+    want = -p / np.diag(p)
+    np.fill_diagonal(want, 0)
+    np.testing.assert_allclose(b, want, rtol=1e-4, atol=1e-6)
+    assert np.all(np.diag(b) == 0)
+    model, path = fit_ease_select(train, EvalSet(context=train, targets=val, weights=w), [1, 1000])
+    assert isinstance(model, EASE) and len(path) == 2
+    assert model.lam == max(path, key=lambda r: r["val"]["hr@100"])["lambda"]
+
+
+def test_scaled_lambda_is_trace_normalised():
+    k = np.diag([1.0, 3.0]).astype(np.float32)
+    assert scaled_lambda(k, 2.0) == pytest.approx(4.0)
+
+
+def test_evaluate_wrong_width_is_an_error():
+    train, val, w = low_rank_data(7)
+    x = train.toarray()
+    alpha, lam_s = solve_alpha(kernel_matrix(x), x, 1.0)
+    model = InfAE(support=x, alpha=alpha, lam=1.0, lam_scaled=lam_s)
+    with pytest.raises(ValueError, match="items"):
+        model.scores(np.ones((2, x.shape[1] + 1), np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert evaluate(model, EvalSet(context=train, targets=val, weights=w))["hr@10"] >= 0

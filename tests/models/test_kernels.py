@@ -1,0 +1,58 @@
+"""The closed-form NTK (used for fitting and serving) equals neural-tangents' stax kernel."""
+
+import numpy as np
+import pytest
+
+from models.kernels import NTKConfig, ntk_from_dots, ntk_kernel_fn, stax_kernel_fn
+
+
+def _binary(rng, n, m, density=0.2):
+    return (rng.random((n, m)) < density).astype(np.float32)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_closed_form_equals_stax_float64(depth):
+    from jax.experimental import enable_x64
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(depth)
+    x, y = _binary(rng, 12, 30), _binary(rng, 7, 30)
+    config = NTKConfig(depth=depth)
+    with enable_x64():
+        xj, yj = jnp.asarray(x, jnp.float64), jnp.asarray(y, jnp.float64)
+        expected = np.asarray(stax_kernel_fn(30, config)(xj, yj))
+        dots = xj @ yj.T
+        got = np.asarray(ntk_from_dots(dots, (xj * xj).sum(1), (yj * yj).sum(1), 30, config))
+    rel = np.abs(got - expected).max() / np.abs(expected).max()
+    assert rel <= 1e-5, rel
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_float32_numpy_path_close_to_stax(depth):
+    rng = np.random.default_rng(10 + depth)
+    x = _binary(rng, 20, 50)
+    config = NTKConfig(depth=depth)
+    expected = np.asarray(stax_kernel_fn(50, config)(x, None))
+    got = ntk_kernel_fn(config)(x)
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=2e-4, atol=1e-6)
+
+
+def test_kernel_is_symmetric_psd_and_blockwise_consistent():
+    rng = np.random.default_rng(0)
+    x = _binary(rng, 40, 25)
+    k = ntk_kernel_fn()(x)
+    np.testing.assert_allclose(k, k.T, rtol=1e-6)
+    assert np.linalg.eigvalsh(k.astype(np.float64)).min() > -1e-4 * np.trace(k)
+    # a block computed alone equals the same block of the whole matrix
+    np.testing.assert_allclose(ntk_kernel_fn()(x[:7], x[10:20]), k[:7, 10:20], rtol=1e-6)
+
+
+def test_features_must_match():
+    with pytest.raises(ValueError, match="features"):
+        ntk_kernel_fn()(np.ones((2, 3), np.float32), np.ones((2, 4), np.float32))
+
+
+def test_depth_must_be_positive():
+    with pytest.raises(ValueError):
+        NTKConfig(depth=0)
