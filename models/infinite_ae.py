@@ -191,6 +191,16 @@ def evaluate(model: InfAE, data: EvalSet, batch_size: int = 2048) -> dict[str, f
     return evaluate_score_batches(model.iter_scores(data.context, batch_size), data)
 
 
+def _solve_recording(kernel: np.ndarray, x: np.ndarray, lam: float) -> tuple[np.ndarray, float, bool]:
+    """:func:`solve_alpha`, re-emitting its warnings and saying whether λ̃ was stabilised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SingularKernelWarning)
+        alpha, lam_scaled = solve_alpha(kernel, x, lam)
+    for w in caught:
+        warnings.warn(w.message, w.category, stacklevel=3)
+    return alpha, lam_scaled, any(issubclass(w.category, SingularKernelWarning) for w in caught)
+
+
 @dataclass
 class LambdaResult:
     lam: float
@@ -240,28 +250,32 @@ def fit_select(
     best: InfAE | None = None
     best_value = -math.inf
     for lam in lambdas:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", SingularKernelWarning)
-            alpha, lam_scaled = solve_alpha(kernel, x, lam)
-        stabilised = any(issubclass(w.category, SingularKernelWarning) for w in caught)
-        for w in caught:
-            warnings.warn(w.message, w.category, stacklevel=2)
-        if support_is_val_context:
-            if lam_scaled > 0:
+        alpha: np.ndarray | None = None
+        stabilised = False
+        lam_scaled = scaled_lambda(kernel, lam)
+        if support_is_val_context and lam_scaled == 0.0:
+            # λ = 0 interpolates the support: K K⁻¹ X = X, so the scores of the support users are
+            # their own rows (every unseen item ties at 0). Exact, and no solve is needed unless
+            # this λ is the one kept.
+            batches = ((s, x[s : s + batch_size].copy()) for s in range(0, x.shape[0], batch_size))
+        else:
+            alpha, lam_scaled, stabilised = _solve_recording(kernel, x, lam)
+            if support_is_val_context:
                 # K α = X − λ̃ α ; seen (support) items are masked, so the rest ranks by −α
                 batches = ((s, x[s : s + batch_size] - lam_scaled * alpha[s : s + batch_size])
                            for s in range(0, x.shape[0], batch_size))
             else:
-                batches = ((s, kernel[s : s + batch_size] @ alpha) for s in range(0, x.shape[0], batch_size))
-        else:
-            source = cross if cross is not None else cross_batches()
-            batches = ((s, kb @ alpha) for s, kb in source)
+                source = cross if cross is not None else cross_batches()
+                batches = ((s, kb @ alpha) for s, kb in source)
         metrics = evaluate_score_batches(batches, val)
         result = LambdaResult(lam=float(lam), lam_scaled=lam_scaled, val=metrics, stabilised=stabilised)
         path.append(result)
         if on_lambda is not None:
             on_lambda(result)
         if metrics[select_metric] > best_value:
+            if alpha is None:
+                alpha, lam_scaled, result.stabilised = _solve_recording(kernel, x, lam)
+                result.lam_scaled = lam_scaled
             best_value = metrics[select_metric]
             best = InfAE(support=x, alpha=alpha, lam=float(lam), lam_scaled=lam_scaled, config=config)
     assert best is not None

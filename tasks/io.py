@@ -39,9 +39,9 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 def write_json(path: str | Path, obj: Any, atomic: bool = False) -> None:
-    """Write ``obj`` as stable, indented JSON (sorted keys) — atomically if asked."""
+    """Write ``obj`` as indented JSON — atomically if asked."""
     path = Path(path)
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    text = json.dumps(obj, indent=2) + "\n"  # insertion order: deterministic and readable
     if not atomic:
         path.write_text(text)
         return

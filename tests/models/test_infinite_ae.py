@@ -91,8 +91,12 @@ def test_duplicate_rows_at_lambda_zero_warn_and_stay_finite():
     dup_val = sp.vstack([val, val[:20]]).tocsr()
     ev = EvalSet(context=dup, targets=dup_val, weights=w)
     with pytest.warns(SingularKernelWarning):
-        model, path = fit_select(dup, ev, [0.0, 1.0], support_is_val_context=True)
+        model, path = fit_select(dup, ev, [0.0, 1.0], support_is_val_context=False)
     assert path[0].stabilised and path[0].lam_scaled > 0
+    k = kernel_matrix(dup)
+    with pytest.warns(SingularKernelWarning):
+        alpha, lam_s = solve_alpha(k, dup.toarray(), 0.0)
+    assert lam_s > 0 and np.isfinite(alpha).all()
     assert all(np.isfinite(list(r.val.values())).all() for r in path)
     items, scores = model.recommend(dup[:5], k=5)
     assert np.isfinite(scores).all()
