@@ -17,6 +17,7 @@ NumPy/SciPy (OpenBLAS, float32) on CPU; JAX on an accelerator (same maths, see
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -75,13 +76,26 @@ class InfAE:
         return self.support.shape[1]
 
     def cross_kernel(self, histories: Any) -> np.ndarray:
-        """``k(histories, support)``: b × n (closed-form NTK, float32)."""
-        h = _dense32(histories)
-        if h.shape[1] != self.n_items:
-            raise ValueError(f"histories have {h.shape[1]} items, the model has {self.n_items}")
-        return ntk_from_dots(
-            h @ self.support.T, (h * h).sum(axis=1), self._support_sq, self.n_items, self.config
-        )
+        """``k(histories, support)``: b × n (closed-form NTK, float32).
+
+        Sparse histories are multiplied as they are (no densifying): at the ≈1–5% density of
+        interaction rows that is several times cheaper than a dense product.
+        """
+        if histories.shape[1] != self.n_items:
+            raise ValueError(f"histories have {histories.shape[1]} items, the model has {self.n_items}")
+        if sp.issparse(histories):
+            h = sp.csr_matrix(histories, dtype=np.float32)
+            dots = np.asarray(h @ self._support_t)
+            sq = np.asarray(h.multiply(h).sum(axis=1), dtype=np.float32).ravel()
+        else:
+            h = _dense32(histories)
+            dots = h @ self.support.T
+            sq = (h * h).sum(axis=1)
+        return ntk_from_dots(dots, sq, self._support_sq, self.n_items, self.config)
+
+    @functools.cached_property
+    def _support_t(self) -> np.ndarray:
+        return np.ascontiguousarray(self.support.T)
 
     def scores(self, histories: Any) -> np.ndarray:
         """Raw scores ``k(h, X) α`` (b × m) for a batch of history rows (dense or sparse)."""
