@@ -33,6 +33,7 @@ import os
 import secrets
 import shutil
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -99,9 +100,11 @@ def ingest(
 
     detected = detect_format(input_path, fmt, src)
     df = _load(input_path, detected, columns or {}, src)
-    tables, counts, filtered, split_source = _process(df, src, seed, min_rating, min_user_interactions)
-
-    sha = _sha256(input_path, src)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # hash the input while its rows are processed
+        hashing = pool.submit(_sha256, input_path, src)
+        processed = _process(df, src, seed, min_rating, min_user_interactions)
+        sha = hashing.result()
+    tables, counts, filtered, split_source = processed
     manifest = {
         "format_version": FORMAT_VERSION,
         "input": {"path": src, "sha256": sha, "format": detected},
@@ -275,12 +278,15 @@ def _load(path: Path, fmt: str, columns: dict[str, str], src: str) -> pl.DataFra
         what = "CSV" if fmt == "csv" else "TSV"
         head = _check_text_head(path, src, what)
         try:
-            lf = pl.scan_csv(path, separator=sep, has_header=True, infer_schema=False, quote_char='"')
+            lf = _scan_delimited(path, sep)
             header = lf.collect_schema().names()
         except pl.exceptions.PolarsError as exc:
             raise InputError(f"{src}: line 1: cannot read the header: {_first(exc)}") from None
         resolved = _resolve_columns(header, columns, src, sep, head)
         resolved.pop("timestamp", None)  # not used downstream: not validated for CSV/TSV
+        typed = _read_typed(path, sep, resolved, src)  # fast path for a clean file
+        if typed is not None:
+            return typed
         raw = lf.select([pl.col(c).alias(r) for r, c in resolved.items()])
         names = {r: c for r, c in resolved.items()}
         return _validate(raw, names, dtypes=None, src=src, where="line", offset=2, fmt=fmt, sep=sep,
@@ -296,6 +302,55 @@ def _load(path: Path, fmt: str, columns: dict[str, str], src: str) -> pl.DataFra
     raw = lf.select([pl.col(c).alias(r) for r, c in resolved.items()])
     dtypes = {r: schema[c] for r, c in resolved.items()}
     return _validate(raw, resolved, dtypes=dtypes, src=src, where="row", offset=1, fmt=fmt, sep=None)
+
+
+def _scan_delimited(path: Path, sep: str, types: dict | None = None) -> pl.LazyFrame:
+    """CSV/TSV with a header; every column is text except those given in ``types``."""
+    return pl.scan_csv(path, separator=sep, has_header=True, infer_schema=False, quote_char='"',
+                       schema_overrides=types)
+
+
+# CSV/TSV fast path: roles the reader parses itself (the text path reads strings and casts them)
+_PARSED_TYPES = {"user": pl.Int64, "item": pl.Int64, "rating": pl.Float64}
+
+
+def _read_typed(path: Path, sep: str, resolved: dict[str, str], src: str) -> pl.DataFrame | None:
+    """Fast path for a clean CSV/TSV: ids and ratings parsed by the reader, then checked.
+
+    Gives the same frame as ``_validate`` on the text columns, or None to leave the file to that
+    text path, which finds the first bad line and reports it: on a value the reader cannot parse,
+    any null (empty field, short or blank line), a failed check, or no data rows. The reader skips
+    spaces and tabs before a number, which the text path rejects: a file with a space (or, in a
+    CSV, a tab) anywhere is left to the text path too.
+    """
+    if _contains_any_byte(path, b" " if sep == "\t" else b" \t", src):
+        return None
+    types = {c: _PARSED_TYPES[r] for r, c in resolved.items() if r in _PARSED_TYPES}
+    lf = _scan_delimited(path, sep, types)
+    parts = {r: _typed(r, _PARSED_TYPES.get(r, pl.String), src, c) for r, c in resolved.items()}
+    query = lf.select([pl.col(c).alias(r) for r, c in resolved.items()]).select(
+        [*(v.alias(r) for r, (v, _) in parts.items()),
+         pl.any_horizontal([bad for _, bad in parts.values()]).alias("_bad")]
+    )
+    try:
+        df = query.collect()
+    except pl.exceptions.PolarsError:
+        return None
+    if df.height == 0 or df.get_column("_bad").any():
+        return None
+    return df.drop("_bad")
+
+
+def _contains_any_byte(path: Path, values: bytes, src: str) -> bool:
+    """Whether the file contains any of the bytes in ``values`` (one chunked pass)."""
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                if any(v in chunk for v in values):
+                    return True
+    except OSError as exc:
+        raise InputError(f"{src}: cannot read file: {exc.strerror or exc}") from None
+    return False
 
 
 def _first(exc: BaseException) -> str:
@@ -449,41 +504,55 @@ def random_split(users: np.ndarray, seed: int) -> np.ndarray:
     n = len(users)
     if n == 0:
         return np.zeros(0, dtype=np.int8)
-    keys = np.random.default_rng(seed).random(n)
     change = np.empty(n, dtype=bool)
     change[0] = True
     np.not_equal(users[1:], users[:-1], out=change[1:])
-    group = np.cumsum(change) - 1  # group of each row (rows are sorted by user)
-    starts = np.flatnonzero(change)
-    sizes = np.diff(np.append(starts, n))
-    shift = 63 - max(1, int(group[-1]).bit_length())
-    if shift >= 32:
-        # one int64 sort: group in the high bits, the key's top `shift` bits below (ties, which
-        # are vanishingly rare, fall back to row order: still deterministic)
-        order = np.argsort((group << shift) | np.floor(keys * float(1 << shift)).astype(np.int64), kind="stable")
-    else:  # pragma: no cover - more than 2^31 users
-        order = np.lexsort((keys, group))
-    pos = np.empty(n, dtype=np.int64)
-    pos[order] = np.arange(n) - starts[group[order]]
-    cnt = sizes[group].astype(np.int64)
-    code = np.full(n, 2, dtype=np.int8)
-    code[(pos > 0) & (10 * pos < 9 * (cnt - 1))] = 1
-    code[(pos > 0) & (10 * pos < 8 * (cnt - 1))] = 0
+    sizes = np.diff(np.append(np.flatnonzero(change), n))  # rows of each user (contiguous)
+    code = np.empty(n, dtype=np.int8)
+    code[_shuffle_within_users(sizes, seed)] = _shuffled_codes(sizes)
     return code
 
 
-def _dense(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted unique values, index of each value in them); O(n) when the ids are compact."""
+def _shuffle_within_users(sizes: np.ndarray, seed: int) -> np.ndarray:
+    """Row order that sorts each user's rows by their keys; every row stays in its user's range."""
+    keys = np.random.default_rng(seed).random(int(sizes.sum()))
+    shift = 63 - max(1, (len(sizes) - 1).bit_length())
+    if shift < 32:  # pragma: no cover - more than 2^31 users
+        return np.lexsort((keys, np.repeat(np.arange(len(sizes)), sizes)))
+    # one int64 sort: the user's index in the high bits, the key's top `shift` bits below (ties,
+    # which are vanishingly rare, fall back to row order: still deterministic)
+    keys *= float(1 << shift)
+    packed = np.floor(keys, out=keys).astype(np.int64)
+    del keys
+    packed |= np.repeat(np.arange(len(sizes), dtype=np.int64) << shift, sizes)
+    return np.argsort(packed, kind="stable")
+
+
+def _shuffled_codes(sizes: np.ndarray) -> np.ndarray:
+    """Split codes by shuffled position, user after user: test, then train, val, test runs.
+
+    For n rows, positions i = 0..n-1: i = 0 is test; of i >= 1, those with 10i < 8(n-1) are
+    train, then those with 10i < 9(n-1) val, the rest test.
+    """
+    n = sizes.astype(np.int64)
+    below_8 = (8 * (n - 1) + 9) // 10  # positions i >= 0 with 10i < 8(n-1): ceil(0.8(n-1))
+    below_9 = (9 * (n - 1) + 9) // 10
+    train = np.maximum(below_8 - 1, 0)  # i = 0 is among them when n >= 2, and it is test
+    val = below_9 - below_8
+    runs = np.stack([np.ones_like(n), train, val, n - 1 - train - val], axis=1).ravel()
+    return np.repeat(np.tile(np.array([2, 0, 1, 2], dtype=np.int8), len(n)), runs)
+
+
+def _id_codes(values: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, codes): ids sorted, ``ids[codes] == values``, codes a writable int64 array: offsets
+    from the smallest id when the ids are compact (some ids may be absent then), else dense ranks."""
     lo, hi = int(values.min()), int(values.max())
-    span = hi - lo + 1
-    if span <= max(4 * len(values), 1 << 24):
-        shifted = values - lo
-        present = np.zeros(span, dtype=bool)
-        present[shifted] = True
-        lut = np.cumsum(present, dtype=np.int64) - 1
-        return np.flatnonzero(present).astype(np.int64) + lo, lut[shifted]
-    series = pl.Series(values)
-    return series.unique().sort().to_numpy(), (series.rank("dense") - 1).cast(pl.Int64).to_numpy()
+    if hi - lo + 1 <= max(4 * len(values), 1 << 24):
+        codes = values.to_numpy(writable=True)
+        codes -= lo
+        return np.arange(lo, hi + 1, dtype=np.int64), codes
+    ranks = (values.rank("dense") - 1).cast(pl.Int64)
+    return values.unique().sort().to_numpy(), ranks.to_numpy(writable=True)
 
 
 def _first_of_runs(sorted_keys: np.ndarray) -> np.ndarray:
@@ -491,6 +560,40 @@ def _first_of_runs(sorted_keys: np.ndarray) -> np.ndarray:
     keep[:1] = True
     np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=keep[1:])
     return keep
+
+
+def _unique_pairs(u: np.ndarray, i: np.ndarray, split: np.ndarray | None, n_users: int,
+                  n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(u, i, split) of the unique (u, i) pairs, sorted by (u, i); with ``split``, each pair keeps
+    its earliest split (train < val < test). ``u`` is overwritten.
+
+    One sort of int64 keys packing u | i | split into bit fields (u < n_users, i < n_items).
+    """
+    i_bits = max(1, (n_items - 1).bit_length())
+    s_bits = 2 if split is not None else 0
+    if max(1, (n_users - 1).bit_length()) + i_bits + s_bits > 63:  # pragma: no cover - huge spans
+        order = np.lexsort((split if split is not None else i, i, u))
+        u, i = u[order], i[order]
+        keep = _first_of_runs(u) | _first_of_runs(i)
+        return u[keep], i[keep], split[order][keep] if split is not None else None
+    key = u  # packed in place
+    key <<= i_bits + s_bits
+    key |= i << s_bits if s_bits else i
+    if split is not None:
+        key |= split
+    key.sort()
+    key = key[_first_of_runs(key >> s_bits if s_bits else key)]
+    if split is not None:
+        split = (key & 3).astype(np.int8)
+        key >>= s_bits
+    u = key >> i_bits
+    key &= (1 << i_bits) - 1
+    return u, key, split
+
+
+def _ranks(present: np.ndarray) -> np.ndarray:
+    """Index of each True entry among the True entries (the new contiguous id), as int32."""
+    return (np.cumsum(present) - 1).astype(np.int32)
 
 
 def _process(df: pl.DataFrame, src: str, seed: int, min_rating, min_user_interactions: int):
@@ -504,39 +607,16 @@ def _process(df: pl.DataFrame, src: str, seed: int, min_rating, min_user_interac
     has_split = "split" in df.columns
     if df.height == 0:
         raise InputError(f"{src}: no rows left with rating >= {min_rating}")
-    raw_u = df.get_column("user").to_numpy()
-    raw_i = df.get_column("item").to_numpy()
-    split = df.get_column("split").to_numpy().astype(np.int64) if has_split else None
+    user_ids, u = _id_codes(df.get_column("user"))
+    item_ids, i = _id_codes(df.get_column("item"))
+    split = df.get_column("split").to_numpy() if has_split else None
     del df
-    u_raw_ids, u = _dense(raw_u)
-    i_raw_ids, i = _dense(raw_i)
-    n_items = len(i_raw_ids)
-    if len(u_raw_ids) * n_items * 3 >= 1 << 62:  # pragma: no cover - astronomically sparse ids
-        order = np.lexsort((split if has_split else i, i, u))
-        u, i = u[order], i[order]
-        split = split[order] if has_split else None
-        keep = _first_of_runs(u) | _first_of_runs(i)
-        u, i = u[keep], i[keep]
-        split = split[keep] if has_split else None
-    else:
-        # de-duplicate with one integer sort; with a split column the smallest code (train < val
-        # < test) of each (user, item) comes first and is kept
-        key = u * n_items + i
-        if has_split:
-            key = key * 3 + split
-            key.sort()
-            keep = _first_of_runs(key // 3)
-            key = key[keep]
-            split, key = key % 3, key // 3
-        else:
-            key.sort()
-            key = key[_first_of_runs(key)]
-        u, i = key // n_items, key % n_items
-        del key
+    # de-duplicate; with a split column the earliest split of each (user, item) is kept
+    u, i, split = _unique_pairs(u, i, split, len(user_ids), len(item_ids))
     duplicates = input_rows - below - len(u)
 
-    per_user = np.bincount(u, minlength=len(u_raw_ids))
-    users_before = int((per_user > 0).sum())
+    per_user = np.bincount(u, minlength=len(user_ids))
+    users_before = int(np.count_nonzero(per_user))
     keep_user = per_user >= min_user_interactions
     users = int(keep_user.sum())
     if users < 2:
@@ -545,20 +625,19 @@ def _process(df: pl.DataFrame, src: str, seed: int, min_rating, min_user_interac
             f"filtering; need at least 2"
         )
     rows_before = len(u)
-    kept = keep_user[u]
-    u, i = u[kept], i[kept]
+    if users < users_before:
+        kept = keep_user[u]
+        u, i = u[kept], i[kept]
+        split = split[kept] if has_split else None
     # contiguous re-indexing over the kept rows (monotone: rows stay sorted by user, item)
-    u = (np.cumsum(keep_user) - 1)[u]
-    item_present = np.bincount(i, minlength=n_items) > 0
-    i = (np.cumsum(item_present) - 1)[i]
-    user_ids, item_ids = u_raw_ids[keep_user], i_raw_ids[item_present]
+    item_present = np.bincount(i, minlength=len(item_ids)) > 0
+    u, i = _ranks(keep_user)[u], _ranks(item_present)[i]
+    user_ids, item_ids = user_ids[keep_user], item_ids[item_present]
 
     if has_split:
-        codes = split[kept].astype(np.int8)
-        split_source = "file"
+        codes, split_source = split, "file"
     else:
-        codes = random_split(u, seed)
-        split_source = "random"
+        codes, split_source = random_split(u, seed), "random"
     interactions = pl.DataFrame(
         {
             "user": pl.Series(u, dtype=pl.Int32),

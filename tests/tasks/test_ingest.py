@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+import tasks.ingest as ingest_module
 from tasks.errors import InputError
 from tasks.ingest import ingest, random_split
 
@@ -229,6 +230,24 @@ def test_random_split_is_a_shuffle():
     assert hit.min() > 0  # every position was in train for some seed
 
 
+def test_random_split_follows_its_definition():
+    """Per user: shuffle by the keys, position 0 -> test, 10i < 8(n-1) train, < 9(n-1) val."""
+    rng = np.random.default_rng(0)
+    sizes = np.concatenate([np.arange(1, 30), rng.integers(1, 300, 60)])
+    users = np.repeat(7 + 3 * np.arange(len(sizes)), sizes)
+    for seed in (0, 1, 11):
+        keys = np.random.default_rng(seed).random(len(users))
+        expected = np.empty(len(users), dtype=np.int8)
+        start = 0
+        for n in sizes:
+            shuffled = start + np.argsort(keys[start : start + n], kind="stable")
+            for i, row in enumerate(shuffled):
+                train, val = 10 * i < 8 * (n - 1), 10 * i < 9 * (n - 1)
+                expected[row] = 2 if i == 0 else 0 if train else 1 if val else 2
+            start += n
+        assert np.array_equal(random_split(users, seed), expected), seed
+
+
 def test_dedup_keeps_earliest_split(tmp_path):
     rows = [
         (1, 11, "test"), (1, 11, "val"), (1, 11, "train"), (1, 12, "val"), (1, 12, "test"),
@@ -374,6 +393,13 @@ BAD_CASES = {
     "one-user": ("o.csv", "user_id,item_id\n1,2\n1,3\n1,4\n2,2\n", ["only 1 user"]),
     "no-users": ("o.csv", "user_id,item_id\n1,2\n", ["only 0 user"]),
     "undetectable": ("noext", "hello world\n", ["cannot detect the format"]),
+    # the fast typed read would accept these padded numbers: they must still be reported
+    "space-padded-id": ("p.csv", "user_id,item_id\n1,2\n 1,3\n", ["line 3", "'user_id'", "' 1'"]),
+    "tab-padded-id": ("p.csv", "user_id,item_id\n1,2\n1,\t3\n", ["line 3", "'item_id'", "'\\t3'"]),
+    "space-padded-tsv": ("p.tsv", "user_id\titem_id\n1\t2\n1\t 2\n", ["line 3", "'item_id'",
+                                                                       "' 2'"]),
+    "quoted-padded-id": ("p.csv", 'user_id,item_id\n" 1",2\n', ["line 2", "'user_id'", "' 1'"]),
+    "empty-id": ("e.csv", "user_id,item_id\n1,2\n,3\n", ["line 3", "'user_id'", "missing"]),
 }
 
 
@@ -436,6 +462,40 @@ def test_blank_lines_are_skipped(tmp_path):
     src = _bad(tmp_path, "ratings.dat", GOOD_DAT.replace("\n", "\n\n", 3) + "\n")
     m = ingest(src, tmp_path / "out")
     assert m["counts"]["rows"] == 12
+
+
+def test_typed_and_text_reads_agree(tmp_path, monkeypatch):
+    """A clean CSV/TSV is read with typed columns; a file with a space anywhere (here in an unused
+    column) or a blank line takes the text path. Both give the same outputs."""
+    text_reads = []
+    validate = ingest_module._validate
+
+    def spy(*args, **kwargs):
+        text_reads.append(True)
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "_validate", spy)
+    rng = np.random.default_rng(3)
+    users, items, halves = (rng.integers(lo, hi, 800) for lo, hi in ((-20, 40), (0, 90), (0, 11)))
+    lines = [f"{u},{i},{h / 2}" for u, i, h in zip(users, items, halves)]
+    quoted = [f'"{x}"'.replace(",", '","') for x in lines]
+    files = {
+        "clean.csv": "user_id,item_id,rating\n" + "\n".join(lines) + "\n",
+        "clean.tsv": "user_id\titem_id\trating\n" + "\n".join(x.replace(",", "\t") for x in lines),
+        "quoted.csv": 'user_id,item_id,"rating"\r\n' + "\r\n".join(quoted),
+        "spaces.csv": "title,user_id,item_id,rating\n" + "".join(f"a film,{x}\n" for x in lines),
+        "blank.csv": "user_id,item_id,rating\n" + "\n\n".join(lines) + "\n",
+    }
+    hashes = {}
+    for name, content in files.items():
+        text_reads.clear()
+        out = tmp_path / name
+        m = ingest(_bad(tmp_path, name, content), out, seed=2, min_rating=1)
+        assert m["counts"]["rows"] > 300
+        assert bool(text_reads) == (name in ("spaces.csv", "blank.csv")), name
+        hashes[name] = [sha(out / f) for f in ("interactions.parquet", "user_map.parquet",
+                                               "item_map.parquet")]
+    assert all(h == hashes["clean.csv"] for h in hashes.values()), hashes
 
 
 def test_crlf_and_bom(tmp_path):
