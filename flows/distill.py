@@ -1,0 +1,18 @@
+"""Distill stage: processed data → a small data summary (Distill-CF, or a sampler baseline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from infrec.config import Params
+from tasks.prefect_tasks import distill_summary
+
+
+@flow(name="distill")
+def distill_flow(params: Params, data_dir: str, run_dir: str) -> dict[str, Any]:
+    run = Path(run_dir)
+    return distill_summary(data_dir, str(run / "summary.parquet"), str(run / "distill_log.jsonl"),
+                           params.distill.model_dump())

@@ -1,0 +1,152 @@
+"""Promotion gates: a pure decision from numbers to a verdict with reasons (no I/O).
+
+Three gates, on one metric (``gates.metric``, default nDCG@10; values ×100):
+
+(a) **baselines** — on validation, the candidate beats PopRec by at least ``pop_margin`` points
+    and reaches ``ease_fraction`` × a tuned EASE fitted on the same data;
+(b) **champion** — on test, the candidate is not worse than the current champion by more than
+    ``champion_epsilon`` points (passes when there is no champion yet);
+(c) **fidelity** — on test, the candidate (fitted on a summary) reaches ``fidelity_fraction`` ×
+    ∞-AE fitted on all users of the same data (or on the largest user sample that fits: the
+    reference's description is part of the reason).
+
+Every gate is evaluated (no short-circuit) so a verdict lists every reason. A missing or
+non-finite number fails its gate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    metric: str = "ndcg@10"
+    pop_margin: float = 1.0
+    ease_fraction: float = 0.97
+    champion_epsilon: float = 0.5
+    fidelity_fraction: float = 0.95
+
+    @classmethod
+    def from_params(cls, gates: Any) -> "GateThresholds":
+        """From ``Params.gates`` (or any object/dict with the same fields)."""
+        get = gates.get if isinstance(gates, dict) else (lambda k, d: getattr(gates, k, d))
+        return cls(**{f: get(f, getattr(cls, f)) for f in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class GateInputs:
+    """The numbers the gates read (one metric, ×100)."""
+
+    candidate_val: float
+    candidate_test: float
+    pop_val: float
+    ease_val: float
+    reference_test: float
+    reference: str = "∞-AE on all users"  # what the fidelity reference was fitted on
+    champion_test: Optional[float] = None  # None: no champion yet
+    champion_version: Optional[str] = None
+    champion_note: str = ""  # e.g. "re-evaluated on this data's test split"
+
+
+@dataclass(frozen=True)
+class GateResult:
+    name: str
+    passed: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    gates: tuple[GateResult, ...] = field(default_factory=tuple)
+
+    @property
+    def reasons(self) -> list[str]:
+        """One line per gate, e.g. ``"PASS baselines: …"`` / ``"FAIL fidelity: …"``."""
+        return [f"{'PASS' if g.passed else 'FAIL'} {g.name}: {g.reason}" for g in self.gates]
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{g.name}: {g.reason}" for g in self.gates if not g.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "gates": [asdict(g) for g in self.gates],
+                "reasons": self.reasons}
+
+
+def _ok(x: Optional[float]) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _bad_numbers(**named: Optional[float]) -> Optional[str]:
+    bad = [k for k, v in named.items() if not _ok(v)]
+    return f"missing or non-finite {', '.join(bad)}" if bad else None
+
+
+def baselines_gate(inp: GateInputs, t: GateThresholds) -> GateResult:
+    m = t.metric
+    problem = _bad_numbers(candidate_val=inp.candidate_val, pop_val=inp.pop_val,
+                           ease_val=inp.ease_val)
+    if problem:
+        return GateResult("baselines", False, problem)
+    lead = inp.candidate_val - inp.pop_val
+    need = t.ease_fraction * inp.ease_val
+    beats_pop = lead >= t.pop_margin
+    near_ease = inp.candidate_val >= need
+    ratio = inp.candidate_val / inp.ease_val if inp.ease_val > 0 else math.inf
+    reason = (
+        f"val {m} {inp.candidate_val:.2f} vs PopRec {inp.pop_val:.2f} "
+        f"({lead:+.2f}, need ≥ +{t.pop_margin:g}){'' if beats_pop else ' ✗'}; "
+        f"vs EASE {inp.ease_val:.2f} ({ratio:.3f}×, need ≥ {t.ease_fraction:g}×)"
+        f"{'' if near_ease else ' ✗'}"
+    )
+    return GateResult("baselines", beats_pop and near_ease, reason)
+
+
+def champion_gate(inp: GateInputs, t: GateThresholds) -> GateResult:
+    m = t.metric
+    if inp.champion_test is None:
+        return GateResult("champion", True, "no champion yet")
+    problem = _bad_numbers(candidate_test=inp.candidate_test, champion_test=inp.champion_test)
+    if problem:
+        return GateResult("champion", False, problem)
+    delta = inp.candidate_test - inp.champion_test
+    passed = delta >= -t.champion_epsilon
+    who = f"champion v{inp.champion_version}" if inp.champion_version else "champion"
+    note = f" [{inp.champion_note}]" if inp.champion_note else ""
+    reason = (
+        f"test {m} {inp.candidate_test:.2f} vs {who} {inp.champion_test:.2f} "
+        f"({delta:+.2f}, allowed ≥ −{t.champion_epsilon:g}){note}"
+    )
+    return GateResult("champion", passed, reason)
+
+
+def fidelity_gate(inp: GateInputs, t: GateThresholds) -> GateResult:
+    m = t.metric
+    problem = _bad_numbers(candidate_test=inp.candidate_test, reference_test=inp.reference_test)
+    if problem:
+        return GateResult("fidelity", False, problem)
+    need = t.fidelity_fraction * inp.reference_test
+    ratio = inp.candidate_test / inp.reference_test if inp.reference_test > 0 else math.inf
+    passed = inp.candidate_test >= need
+    reason = (
+        f"test {m} {inp.candidate_test:.2f} = {ratio:.3f}× {inp.reference} "
+        f"({inp.reference_test:.2f}; need ≥ {t.fidelity_fraction:g}×)"
+    )
+    return GateResult("fidelity", passed, reason)
+
+
+def decide_gates(inputs: GateInputs, thresholds: GateThresholds = GateThresholds()) -> Verdict:
+    """Evaluate gates (a), (b), (c); the verdict passes only if all three pass."""
+    results = (
+        baselines_gate(inputs, thresholds),
+        champion_gate(inputs, thresholds),
+        fidelity_gate(inputs, thresholds),
+    )
+    return Verdict(passed=all(r.passed for r in results), gates=results)
+
+
+__all__ = ["GateThresholds", "GateInputs", "GateResult", "Verdict", "decide_gates"]

@@ -1,0 +1,110 @@
+"""The gate decision on hand-made numbers (pure function, no I/O)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tasks.gates import GateInputs, GateThresholds, decide_gates
+
+T = GateThresholds(metric="ndcg@10", pop_margin=1.0, ease_fraction=0.97, champion_epsilon=0.5,
+                   fidelity_fraction=0.95)
+
+
+def inputs(**kw) -> GateInputs:
+    base = dict(candidate_val=23.5, candidate_test=32.9, pop_val=10.0, ease_val=24.0,
+                reference_test=33.4, reference="∞-AE on all 6040 users")
+    base.update(kw)
+    return GateInputs(**base)
+
+
+def by_name(verdict):
+    return {g.name: g for g in verdict.gates}
+
+
+def test_first_model_passes_without_champion():
+    v = decide_gates(inputs(), T)
+    assert v.passed
+    assert by_name(v)["champion"].reason == "no champion yet"
+    heads = [r.split(":")[0] for r in v.reasons]
+    assert heads == ["PASS baselines", "PASS champion", "PASS fidelity"]
+
+
+def test_ml1m_like_numbers_pass_the_default_ease_fraction():
+    # algorithms.md: validation nDCG@10, ∞-AE 23.67 vs tuned EASE 24.00 → 0.986 ≥ 0.97
+    assert decide_gates(inputs(candidate_val=23.67, ease_val=24.00), T).passed
+
+
+@pytest.mark.parametrize(
+    "change, failing",
+    [
+        ({"pop_val": 23.0}, "baselines"),  # beats PopRec by 0.5 < margin 1.0
+        ({"candidate_val": 22.0}, "baselines"),  # 22 / 24 = 0.917 < 0.97 × EASE
+        ({"champion_test": 33.5, "champion_version": "3"}, "champion"),  # 0.6 worse > ε
+        ({"reference_test": 35.0}, "fidelity"),  # 32.9 / 35 = 0.94 < 0.95
+    ],
+)
+def test_each_gate_fails_alone(change, failing):
+    v = decide_gates(inputs(**change), T)
+    assert not v.passed
+    assert [g.name for g in v.gates if not g.passed] == [failing]
+    assert v.failures[0].startswith(failing + ":")
+    assert any(r.startswith(f"FAIL {failing}:") for r in v.reasons)
+
+
+def test_boundaries_are_inclusive():
+    v = decide_gates(inputs(pop_val=22.5, candidate_val=23.5, ease_val=23.5 / 0.97,
+                            champion_test=33.4, champion_version="1",
+                            reference_test=32.9 / 0.95), T)
+    assert v.passed, v.reasons
+
+
+def test_champion_within_epsilon_passes_and_reason_names_it():
+    v = decide_gates(inputs(champion_test=33.3, champion_version="7",
+                            champion_note="same data version"), T)
+    g = by_name(v)["champion"]
+    assert g.passed
+    assert "champion v7" in g.reason and "-0.40" in g.reason and "same data version" in g.reason
+
+
+def test_all_failures_are_reported_together():
+    v = decide_gates(inputs(pop_val=30.0, champion_test=40.0, reference_test=50.0), T)
+    assert not v.passed
+    assert [g.passed for g in v.gates] == [False, False, False]
+    assert len(v.failures) == 3
+
+
+def test_reference_description_is_in_the_fidelity_reason():
+    ref = "∞-AE on a random sample of 20000 of 480189 users (largest allowed)"
+    g = by_name(decide_gates(inputs(reference=ref), T))["fidelity"]
+    assert ref in g.reason and "0.985×" in g.reason
+
+
+@pytest.mark.parametrize(
+    "field", ["candidate_val", "candidate_test", "pop_val", "ease_val", "reference_test"]
+)
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf])
+def test_missing_or_non_finite_numbers_fail(field, bad):
+    v = decide_gates(inputs(**{field: bad}), T)
+    assert not v.passed
+    assert any("missing or non-finite" in f and field in f for f in v.failures)
+
+
+def test_thresholds_from_params_and_dicts():
+    from infrec.config import parse_params
+
+    p = parse_params({"gates": {"ease_fraction": 0.9, "metric": "hr@100"}})
+    t = GateThresholds.from_params(p.gates)
+    assert t.ease_fraction == 0.9 and t.metric == "hr@100" and t.fidelity_fraction == 0.95
+    assert GateThresholds.from_params({"pop_margin": 2.0}).pop_margin == 2.0
+    # stricter threshold → same numbers fail
+    assert not decide_gates(inputs(), GateThresholds(ease_fraction=0.99)).passed
+
+
+def test_verdict_to_dict_is_json_ready():
+    import json
+
+    d = decide_gates(inputs(champion_test=40.0, champion_version="2"), T).to_dict()
+    assert json.loads(json.dumps(d))["passed"] is False
+    assert [g["name"] for g in d["gates"]] == ["baselines", "champion", "fidelity"]

@@ -1,0 +1,159 @@
+"""The whole pipeline end to end on a small synthetic data set (real Prefect, real MLflow).
+
+Order matters within this module: the promotion test at the end moves ``champion``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.flows.conftest import MODEL_NAME
+
+pytestmark = pytest.mark.slow
+
+
+def _client(flow_env):
+    import mlflow
+
+    uri = flow_env.tracking_uri
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _aliases(flow_env) -> dict[str, str]:
+    cl = _client(flow_env)
+    out = {}
+    for alias in ("champion", "previous", "challenger"):
+        try:
+            out[alias] = str(cl.get_model_version_by_alias(MODEL_NAME, alias).version)
+        except Exception:  # noqa: BLE001 - alias not set
+            pass
+    return out
+
+
+def _cli(args, **kw):
+    from infrec.cli import app
+
+    return CliRunner().invoke(app, args, **kw)
+
+
+def test_first_run_registers_and_promotes(two_runs):
+    first, _ = two_runs
+    assert first["version"] == "1" and first["promoted"] is True
+    assert first["verdict"]["passed"] is True
+    assert first["champion"] == "1" and first["previous"] is None
+    assert any("no champion yet" in r for r in first["verdict"]["reasons"])
+
+
+def test_failing_candidate_never_moves_champion(two_runs, flow_env):
+    _, second = two_runs
+    assert second["version"] == "2" and second["promoted"] is False
+    assert not second["verdict"]["passed"]
+    failed = [g["name"] for g in second["verdict"]["gates"] if not g["passed"]]
+    assert failed == ["fidelity"]
+    # the same data + seeds give the same model: the champion gate compares equal numbers
+    reasons = second["verdict"]["reasons"]
+    assert any("champion v1" in r and "same data version" in r for r in reasons)
+    assert _aliases(flow_env) == {"champion": "1", "challenger": "2"}
+    tags = _client(flow_env).get_model_version(MODEL_NAME, "2").tags
+    assert tags["gate.passed"] == "false" and tags["promoted"] == "false"
+    assert "FAIL fidelity" in tags["gate.reasons"]
+
+
+def test_run_is_tracked_with_metrics_curves_plots_and_lineage(two_runs, flow_env):
+    from models.metrics import METRIC_KEYS
+
+    first, _ = two_runs
+    cl = _client(flow_env)
+    run = cl.get_run(first["run_id"])
+    metrics, tags, params = run.data.metrics, run.data.tags, run.data.params
+    for split in ("val", "test"):
+        for k in METRIC_KEYS:
+            key = k.replace("@", "_at_")
+            assert f"{split}/{key}" in metrics
+            assert f"poprec/{split}/{key}" in metrics and f"ease/{split}/{key}" in metrics
+            assert f"reference/{split}/{key}" in metrics
+    assert metrics["val/ndcg_at_10"] == pytest.approx(first["fitted"]["val"]["ndcg@10"])
+    lam_path = cl.get_metric_history(first["run_id"], "lambda_path/val/ndcg_at_10")
+    assert len(lam_path) == 6  # the summary λ grid
+    assert tags["data_version"] == first["data_version"]
+    assert tags["summary_hash"] == first["summary_hash"]
+    assert tags["prefect_flow_run_id"] == first["flow_run_id"]
+    assert tags["git_commit"] and tags["gate.passed"] == "true"
+    assert params["distill.sampler"] == "distill-cf" and params["gates.ease_fraction"] == "0.5"
+    loss = cl.get_metric_history(first["run_id"], "distill/loss")
+    assert [m.step for m in sorted(loss, key=lambda m: m.step)] == [1, 2, 3, 4, 5, 6]
+    evaluated = cl.get_metric_history(first["run_id"], "distill/val_hr_at_100")
+    assert {m.step for m in evaluated} == {0, 3, 6}
+    names = {a.path for a in cl.list_artifacts(first["run_id"], "plots")}
+    assert names == {"plots/distill_curve.png", "plots/lambda_path.png"}
+    mv = cl.get_model_version(MODEL_NAME, "1")
+    assert mv.run_id == first["run_id"]
+    for tag in ("data_version", "summary_hash", "git_commit", "prefect_flow_run_id", "params_hash"):
+        assert mv.tags[tag]
+
+
+def test_prefect_report_artifact(two_runs):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    _, second = two_runs
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["infrec-pipeline-report"]))
+        )
+    texts = [a.data for a in arts]
+    assert len(texts) == 2
+    latest = next(t for t in texts if second["run_id"] in t)
+    assert f"{MODEL_NAME} v2" in latest and "REJECTED" in latest
+    assert "| fidelity | FAIL |" in latest and "| candidate (summary) | test |" in latest
+
+
+def test_status_json(two_runs, flow_env, restore_environ):
+    res = _cli(["status", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["tracking_uri"] == flow_env.tracking_uri
+    assert info["champion"]["version"] == "1"
+    assert info["champion"]["data_version"] == two_runs[0]["data_version"]
+    expected = two_runs[0]["fitted"]["test"]["ndcg@10"]
+    assert info["champion"]["test"]["ndcg@10"] == pytest.approx(expected)
+    last = info["last_run"]
+    assert last["version"] == "2" and last["promoted"] is False
+    assert any(r.startswith("FAIL fidelity") for r in last["reasons"])
+
+
+def test_bad_input_is_one_line_error(two_runs, flow_env, restore_environ, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user_id,item_id\n1,2\n1,x\n")
+    params = flow_env.params_file("params-bad-input.yaml")
+    res = _cli(["run", "--input", str(bad), "--params", str(params)])
+    assert res.exit_code == 2
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()]
+    assert res.stderr.startswith(f"error: {bad}: line 3") and "Traceback" not in res.output
+    missing = _cli(["run", "--input", str(tmp_path / "nope.csv"), "--params", str(params)])
+    assert missing.exit_code == 2
+    assert missing.stderr.strip() == f"error: {tmp_path / 'nope.csv'}: input file not found"
+    assert _aliases(flow_env)["champion"] == "1"
+
+
+def test_promote_rechecks_gates_and_force_records_who_and_why(two_runs, flow_env, restore_environ):
+    strict = flow_env.params_file("params-strict.yaml", gates={"fidelity_fraction": 2.0})
+    res = _cli(["promote", "2", "--params", str(strict)])
+    assert res.exit_code == 1 and "FAIL fidelity" in res.stdout
+    assert _aliases(flow_env)["champion"] == "1"
+    res = _cli(["promote", "2", "--force", "--params", str(strict)])
+    assert res.exit_code == 2 and "--reason" in res.stderr
+    res = _cli(["promote", "2", "--force", "--reason", "test override", "--params", str(strict)])
+    assert res.exit_code == 0, res.output
+    assert "FORCED" in res.stdout
+    assert _aliases(flow_env) == {"champion": "2", "previous": "1"}
+    tags = _client(flow_env).get_model_version(MODEL_NAME, "2").tags
+    assert tags["promotion.reason"] == "test override" and tags["promotion.forced_by"]
+    # lenient gates: v1 passes the re-check and moves back (v2 becomes previous)
+    lenient = flow_env.params_file("params-lenient.yaml")
+    res = _cli(["promote", "1", "--params", str(lenient)])
+    assert res.exit_code == 0, res.output
+    assert _aliases(flow_env) == {"champion": "1", "previous": "2"}

@@ -1,0 +1,164 @@
+"""Serving: the registered pyfunc in a new process, the `recommend` CLI, and the REST server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tests.flows.conftest import MODEL_NAME
+
+pytestmark = pytest.mark.slow
+
+LOAD_AND_PREDICT = """
+import json, sys
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+out = model.predict(pd.DataFrame({"history": [json.loads(sys.argv[2])], "k": [10]}))
+print(json.dumps({"items": [int(x) for x in out["items"][0]],
+                  "scores": [float(x) for x in out["scores"][0]],
+                  "unknown": [str(x) for x in out["unknown"][0]]}))
+"""
+
+
+def _history(flow_env) -> list[int]:
+    """A user's train items (raw ids) from the ingested data, plus an id no model knows."""
+    from tasks.data import load_dataset
+
+    ds = load_dataset(flow_env.state_dir / "data" / "processed")
+    return [int(x) for x in ds.item_ids[ds.train[3].indices]] + [999_999_999]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_pyfunc_in_new_process_matches_recommend_cli(two_runs, flow_env):
+    history = _history(flow_env)
+    env = flow_env.subprocess_env()
+    loaded = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_PREDICT, f"models:/{MODEL_NAME}@champion",
+         json.dumps(history)],
+        env=env, capture_output=True, text=True, timeout=180, check=True,
+    )
+    pyfunc = json.loads(loaded.stdout.strip().splitlines()[-1])
+    cli = subprocess.run(
+        [str(os.path.join(os.path.dirname(sys.executable), "infrec")), "recommend",
+         "--history", ",".join(map(str, history)), "-k", "10", "--json"],
+        env=env, capture_output=True, text=True, timeout=180, cwd=flow_env.root, check=True,
+    )
+    rec = json.loads(cli.stdout)
+    assert len(pyfunc["items"]) == 10
+    assert rec["items"] == pyfunc["items"]
+    assert np.allclose(rec["scores"], pyfunc["scores"])
+    assert pyfunc["unknown"] == ["999999999"] == rec["unknown"]
+    assert not set(pyfunc["items"]) & set(history)  # seen items are excluded
+    assert "oneDNN" not in cli.stderr and "Traceback" not in cli.stderr
+
+
+def test_recommend_table_and_user_forms(two_runs, flow_env, restore_environ):
+    from typer.testing import CliRunner
+
+    from infrec.cli import app
+    from tasks.data import load_dataset
+
+    history = _history(flow_env)
+    runner = CliRunner()
+    as_json = json.loads(runner.invoke(app, ["recommend", "--history", ",".join(map(str, history)),
+                                             "--json"]).stdout)
+    table = runner.invoke(app, ["recommend", "--history", ",".join(map(str, history))])
+    assert table.exit_code == 0, table.output
+    rows = [line.split("\t") for line in table.stdout.splitlines() if line[:1].isdigit()]
+    assert [int(r[1]) for r in rows] == as_json["items"]
+    assert "999999999" in table.stderr
+    ds = load_dataset(flow_env.state_dir / "data" / "processed")
+    user = runner.invoke(app, ["recommend", "--user", str(ds.user_ids[3]), "-k", "4", "--json"])
+    assert user.exit_code == 0, user.output
+    out = json.loads(user.stdout)
+    known = set(int(x) for x in ds.item_ids[(ds.train[3] + ds.val[3] + ds.test[3]).indices])
+    assert len(out["items"]) == 4 and set(out["history"]) == known and not set(out["items"]) & known
+    bad = runner.invoke(app, ["recommend", "--user", "123456789"])
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: --user 123456789: not a user")
+    both = runner.invoke(app, ["recommend", "--user", "1", "--history", "1"])
+    assert both.exit_code == 2 and "exactly one" in both.stderr
+
+
+def _post(url: str, payload: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Terminate the server's process group (the CLI and its uvicorn child), then kill."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=15)
+    except ProcessLookupError:
+        pass
+
+
+def test_rest_serving_round_trip(two_runs, flow_env, tmp_path):
+    import mlflow
+    import pandas as pd
+
+    history = _history(flow_env)
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        env=flow_env.subprocess_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                tail = (tmp_path / "serve.log").read_text()[-2000:]
+                pytest.fail(f"server exited ({proc.returncode}): {tail}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("server not ready in 120 s")
+            time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/invocations"
+        split = _post(url, {"dataframe_split": {"columns": ["history", "k"],
+                                                "data": [[history, 5], [[], 3]]}})
+        records = _post(url, {"dataframe_records": [{"history": history[:3]}]})
+    finally:
+        _stop(proc)
+        log.close()
+
+    mlflow.set_tracking_uri(flow_env.tracking_uri)
+    local = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion").predict(
+        pd.DataFrame({"history": [history, []], "k": [5, 3]})
+    )
+    preds = split["predictions"]
+    assert [p["items"] for p in preds] == [list(map(int, x)) for x in local["items"]]
+    assert len(preds[0]["items"]) == 5 and len(preds[1]["items"]) == 3
+    assert preds[0]["unknown"] == ["999999999"] and preds[1]["unknown"] == []
+    assert not set(preds[0]["items"]) & set(history)
+    assert len(records["predictions"][0]["items"]) == 10  # k defaults to 10
+    with pytest.raises(OSError):  # the server is gone
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
