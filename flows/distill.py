@@ -13,6 +13,7 @@ from tasks.prefect_tasks import distill_summary
 
 @flow(name="distill")
 def distill_flow(params: Params, data_dir: str, run_dir: str) -> dict[str, Any]:
-    run = Path(run_dir)
-    return distill_summary(data_dir, str(run / "summary.parquet"), str(run / "distill_log.jsonl"),
+    # the stage paths of dvc.yaml (one code path with `dvc repro`); the run dir keeps the model
+    paths = params.stage_paths()
+    return distill_summary(data_dir, paths["summary"], paths["distill_log"],
                            params.distill.model_dump())

@@ -15,6 +15,7 @@ from tasks.prefect_tasks import generate_default_data, ingest_data
 def ingest_flow(params: Params, input_path: Optional[str] = None) -> dict[str, Any]:
     """``input_path`` (None: the generated default data) → ``<state>/data/processed``."""
     state = Path(params.state_dir)
+    input_path = input_path or params.ingest.input
     if input_path is None:
         g = params.generate
         input_path = generate_default_data(str(state / "data" / "raw" / "interactions.csv"),

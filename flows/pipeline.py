@@ -18,6 +18,7 @@ from flows.evaluate import evaluate_flow
 from flows.fit import fit_flow
 from flows.ingest import ingest_flow
 from flows.promote import promote_flow
+from flows.version import version_flow
 from flows.register import register_flow
 from infrec.config import Params
 from tasks.prefect_tasks import publish_report
@@ -31,6 +32,9 @@ def pipeline(params: Params, input_path: Optional[str] = None) -> dict[str, Any]
 
     data = ingest_flow(params, input_path)
     summary = distill_flow(params, data["data_dir"], run_dir)
+    versioned = version_flow(params, input_path, run_id)
+    if versioned is not None:
+        data = {**data, "dvc_data_version": versioned["version"], "dvc_hashes": versioned["hashes"]}
     fitted = fit_flow(params, data["data_dir"], summary["summary_path"], run_dir)
     evaluation = evaluate_flow(params, data["data_dir"])
     registered = register_flow(params, run_dir, data, summary, fitted, evaluation, run_id)
@@ -39,7 +43,8 @@ def pipeline(params: Params, input_path: Optional[str] = None) -> dict[str, Any]
     result = {
         "model_name": registered["model_name"], "version": registered["version"],
         "run_id": registered["run_id"], "flow_run_id": run_id, "run_dir": run_dir,
-        "data_version": data["data_version"], "summary_hash": summary["summary_hash"],
+        "data_version": data.get("dvc_data_version") or data["data_version"],
+        "summary_hash": summary["summary_hash"],
         "fitted": {k: fitted[k] for k in ("lambda", "val", "test")}, "evaluation": evaluation,
         **promotion,
     }

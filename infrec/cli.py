@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+
+from infrec.stage_params import params_option
 
 app = typer.Typer(
     help="infrec: ∞-AE and Distill-CF recommendation as a Prefect / MLflow / DVC pipeline.",
@@ -42,6 +44,7 @@ def generate(
     users: int = typer.Option(3000, help="Number of users to generate."),
     items: int = typer.Option(1000, help="Number of items to generate."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives a byte-identical file."),
+    params: Optional[Path] = params_option(),
 ) -> None:
     """Write the embedded synthetic implicit-feedback data set (power-law items, low-rank tastes)."""
     from tasks.synthetic import write_synthetic
@@ -65,6 +68,7 @@ def ingest(
     item_col: Optional[str] = typer.Option(None, help="Name of the item id column (default: item_id or an alias)."),
     rating_col: Optional[str] = typer.Option(None, help="Name of the rating column (default: rating or an alias)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    params: Optional[Path] = params_option(),
 ) -> None:
     """Validate, deduplicate, binarise, filter (<3 interactions) and split interactions."""
     from tasks.ingest import ingest as run_ingest
@@ -120,6 +124,7 @@ def fit(
     batch_size: int = typer.Option(2048, min=1, help="Users scored per batch (bounds memory)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines on stderr."),
+    params: Optional[Path] = params_option(),
 ) -> None:
     """Fit ∞-AE (λ chosen on validation HR@100), evaluate on test, write the model and metrics."""
     from tasks.fit import fit as run_fit
@@ -132,9 +137,29 @@ def fit(
     typer.echo(json.dumps(report["metrics"]))
 
 
+@app.command()
+def evaluate(
+    data: Path = typer.Option(..., "--data", "-d", help="Ingested data directory."),
+    model: Path = typer.Option(..., "--model", "-m", help="Fitted model directory (from `infrec fit`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="evaluation.json to write (DVC metrics)."),
+    max_reference_users: int = typer.Option(
+        20000, min=10, help="Fidelity reference: ∞-AE on all users, or on a sample this large."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines on stderr."),
+    params: Optional[Path] = params_option(),
+) -> None:
+    """Evaluate a fitted model against PopRec, a tuned EASE and ∞-AE on all users (the gate inputs)."""
+    from tasks.evaluate import evaluation_report
+
+    report = _run_guarded(evaluation_report, data, model, out, max_reference_users=max_reference_users,
+                          log=_log(quiet))
+    typer.echo(json.dumps(report["summary"]))
+
+
 # Commands that live in their own modules; each module defines ``register(app)`` and keeps
 # heavy imports inside its commands.
-COMMAND_MODULES = ("infrec.cmd_distill", "infrec.cmd_pipeline")
+COMMAND_MODULES = ("infrec.cmd_distill", "infrec.cmd_pipeline", "infrec.cmd_versions",
+                   "infrec.cmd_schedule", "infrec.cmd_scale")
 
 
 def _register_optional_commands() -> None:

@@ -48,6 +48,7 @@ class GenerateParams(_SharedSection):
 
 
 class IngestParams(_SharedSection):
+    input: Optional[str] = None  # None: the generated default, <state_dir>/data/raw/interactions.csv
     seed: int = 0
     min_rating: Optional[float] = None
 
@@ -110,6 +111,44 @@ class RegistryParams(_Section):
     experiment: str = Field("infrec", min_length=1)
 
 
+class VersioningParams(_Section):
+    """DVC data versions (``tasks/versioning.py``): recorded after each pipeline run when enabled."""
+
+    enabled: bool = False
+    # the git + DVC workspace holding dvc.yaml (relative to the cwd). Data goes to the DVC default
+    # remote, or — when none is configured — to a local remote in <state_dir>/dvc-remote.
+    workspace: str = "."
+
+
+class ScheduleParams(_Section):
+    """When ``infrec serve`` runs the pipeline: a cron expression in an IANA time zone.
+
+    Checked here cheaply (five fields, a known zone); Prefect validates the expression fully when
+    ``infrec serve`` builds the deployment.
+    """
+
+    cron: str = "0 3 * * *"
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(f"expected a 5-field cron expression (e.g. '0 3 * * *'), got {value!r}")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (an IANA name, e.g. UTC, Europe/Paris)") from None
+        return value
+
+
 class TrackingParams(_Section):
     uri: Optional[str] = None  # None: sqlite:///<state_dir>/mlflow.db (MLFLOW_TRACKING_URI wins)
 
@@ -128,6 +167,8 @@ class Params(BaseModel):
     gates: GatesParams = GatesParams()
     registry: RegistryParams = RegistryParams()
     tracking: TrackingParams = TrackingParams()
+    schedule: ScheduleParams = ScheduleParams()
+    versioning: VersioningParams = VersioningParams()
 
     # -- resolved locations -----------------------------------------------------------------
     def state_path(self) -> Path:
@@ -142,6 +183,23 @@ class Params(BaseModel):
         if self.tracking.uri:
             return self.tracking.uri
         return f"sqlite:///{self.state_path() / 'mlflow.db'}"
+
+    def raw_input(self) -> str:
+        """The ingest stage's input: ``ingest.input`` or the generated default file."""
+        return self.ingest.input or f"{self.state_dir}/data/raw/interactions.csv"
+
+    def stage_paths(self) -> dict[str, str]:
+        """The fixed output paths of the stages (as in dvc.yaml), under ``state_dir``."""
+        st = self.state_dir
+        return {
+            "raw": f"{st}/data/raw/interactions.csv",
+            "processed": f"{st}/data/processed",
+            "summary": f"{st}/data/summary.parquet",
+            "distill_log": f"{st}/data/distill_log.jsonl",
+            "model": f"{st}/model",
+            "metrics": f"{st}/metrics.json",
+            "evaluation": f"{st}/evaluation.json",
+        }
 
     def artifact_root(self) -> Path:
         return self.state_path() / "mlartifacts"
@@ -229,3 +287,31 @@ def load_params(path: str | Path | None = None) -> Params:
 
 
 __all__ = ["Params", "load_params", "parse_params", "GatesParams", "DistillParams"]
+
+
+def stage_defaults(stage: str, params: Params) -> dict[str, Any]:
+    """Option defaults of ``infrec <stage> --params FILE``: the pipeline's values for that stage.
+
+    dvc.yaml calls the stage commands this way, so `dvc repro` and the Prefect pipeline run the
+    same code with the same parameters and write the same paths.
+    """
+    paths = params.stage_paths()
+    if stage == "generate":
+        g = params.generate
+        return {"out": paths["raw"], "users": g.users, "items": g.items, "seed": g.seed}
+    if stage == "ingest":
+        return {"input": params.raw_input(), "out": paths["processed"], "seed": params.ingest.seed,
+                "min_rating": params.ingest.min_rating, "overwrite": True}
+    if stage == "distill":
+        d = params.distill
+        return {"data": paths["processed"], "out": paths["summary"], "log": paths["distill_log"],
+                "sampler": d.sampler, "budget": d.budget, "seed": d.seed, "steps": d.steps,
+                "samples": d.samples, "tau": d.tau}
+    if stage == "fit":
+        f = params.fit
+        return {"data": paths["processed"], "support": paths["summary"], "out": paths["model"],
+                "metrics": paths["metrics"], "lambdas": ",".join(f"{v:g}" for v in f.summary_lambdas),
+                "depth": f.depth, "batch_size": f.batch_size, "overwrite": True}
+    if stage == "evaluate":
+        return {"data": paths["processed"], "model": paths["model"], "out": paths["evaluation"]}
+    raise KeyError(stage)

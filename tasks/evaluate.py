@@ -11,6 +11,7 @@ No Prefect or MLflow here (see ``tasks.prefect_tasks``).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -119,3 +120,42 @@ def evaluate_model_on(
 
 
 __all__ = ["baseline_metrics", "reference_metrics", "evaluate_model_on"]
+
+
+def evaluation_report(
+    data_dir: str | Path,
+    model_dir: str | Path,
+    out_path: str | Path,
+    *,
+    max_reference_users: int = 20000,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """``infrec evaluate`` (the DVC evaluate stage): candidate vs PopRec, EASE and full-data ∞-AE.
+
+    Writes ``out_path`` (JSON, DVC metrics) atomically; the fit's λ paths stay in the model dir.
+    """
+    import json
+
+    from tasks.data import load_dataset
+    from tasks.errors import InputError
+    from tasks.io import write_json
+
+    dataset = load_dataset(data_dir)
+    metrics_file = Path(model_dir) / "metrics.json"
+    if not metrics_file.is_file():
+        raise InputError(f"{metrics_file}: missing (not an `infrec fit` model directory?)")
+    candidate = json.loads(metrics_file.read_text())
+    base = baseline_metrics(dataset, log=log)
+    ref = reference_metrics(dataset, max_users=max_reference_users, log=log)
+    base["ease"].pop("lambda_path", None)
+    summary = {
+        "candidate_test_ndcg@10": candidate["test"]["ndcg@10"],
+        "ease_test_ndcg@10": base["ease"]["test"]["ndcg@10"],
+        "reference_test_ndcg@10": ref["test"]["ndcg@10"],
+        "fidelity_ndcg@10": candidate["test"]["ndcg@10"] / ref["test"]["ndcg@10"],
+        "ease_fraction_val_ndcg@10": candidate["val"]["ndcg@10"] / base["ease"]["val"]["ndcg@10"],
+    }
+    report = {"summary": summary, "candidate": candidate, **base,
+              "reference": {k: v for k, v in ref.items() if k != "support"}}
+    write_json(Path(out_path), report, atomic=True)
+    return report

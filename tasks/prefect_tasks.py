@@ -282,13 +282,17 @@ def lineage_tags(params: dict[str, Any], data: dict[str, Any], summary: dict[str
                  flow_run_id: str) -> dict[str, str]:
     from tasks.registry import git_commit, params_hash
 
-    return {
+    tags = {
         "data_version": data["data_version"],
         "summary_hash": summary["summary_hash"],
         "git_commit": git_commit(),
         "prefect_flow_run_id": flow_run_id,
         "params_hash": params_hash(params),
     }
+    if data.get("dvc_data_version"):  # DVC data version (infrec versions / rollback)
+        tags["dvc_data_version"] = data["dvc_data_version"]
+        tags["dvc_hashes"] = json.dumps(data["dvc_hashes"], sort_keys=True)
+    return tags
 
 
 @task(name="register-version", **_IO)
@@ -406,3 +410,24 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+# -- data versions (DVC) ----------------------------------------------------------------------
+@task(name="record-data-version", **_IO)
+def record_data_version(workspace: str, state_dir: str, info: dict[str, Any]) -> dict[str, Any]:
+    """``dvc commit`` + ``dvc push`` the ingest/distill outputs and record a data version."""
+    import os
+
+    from tasks.versioning import version_stage_outputs
+
+    root = Path(workspace).resolve()
+    rel = os.path.relpath(Path(state_dir).resolve(), root)
+    paths = [f"{rel}/data/processed", f"{rel}/data/summary.parquet"]
+    t0 = time.perf_counter()
+    result = version_stage_outputs(root, ["generate", "ingest", "distill"] if info.get("generated")
+                                   else ["ingest", "distill"], paths, Path(state_dir) / "dvc-remote",
+                                   info)
+    note = "new" if result["created"] else "unchanged data: same"
+    _log()(f"{note} data version {result['version']} ({time.perf_counter() - t0:.1f}s): "
+           f"{result['hashes']}")
+    return result

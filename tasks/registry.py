@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
-LINEAGE_TAGS = ("data_version", "summary_hash", "git_commit", "prefect_flow_run_id", "params_hash")
+LINEAGE_TAGS = ("data_version", "summary_hash", "git_commit", "prefect_flow_run_id", "params_hash",
+                "dvc_data_version", "dvc_hashes")
 
 
 # -- names and hashes --------------------------------------------------------------------------
@@ -296,13 +297,19 @@ def run_metrics(tracking_uri: str, run_id: str, prefix: str = "test") -> dict[st
             if k.startswith(head) and "/" not in k[len(head):]}
 
 
+def data_version_id(tags: dict[str, str]) -> str | None:
+    """The data version a model was trained on: the DVC version id (``vN``, as listed by
+    ``infrec versions``) when the run was versioned, else the processed data's content hash."""
+    return tags.get("dvc_data_version") or tags.get("data_version")
+
+
 def version_summary(tracking_uri: str, name: str, version: str) -> dict[str, Any]:
     """Version, aliases, tags, data version, val/test metrics and run id of one model version."""
     cl = client(tracking_uri)
     mv = cl.get_model_version(name, str(version))
     out: dict[str, Any] = {
         "version": str(mv.version), "run_id": mv.run_id, "aliases": list(mv.aliases or []),
-        "tags": dict(mv.tags or {}), "data_version": (mv.tags or {}).get("data_version"),
+        "tags": dict(mv.tags or {}), "data_version": data_version_id(mv.tags or {}),
         "created": mv.creation_timestamp,
     }
     if mv.run_id:

@@ -273,3 +273,18 @@ def restored(root: Path, version: DataVersion) -> Iterator[None]:
             _run_dvc(root, "fetch", *paths)
             _run_dvc(root, "checkout", "-f", *paths)
         yield
+
+
+def version_stage_outputs(
+    root: Path, stages: list[str], paths: list[str], remote_dir: Path | None, info: dict[str, Any]
+) -> dict[str, Any]:
+    """After a pipeline run: cache + push the stages' outputs and record a data version.
+
+    ``paths`` (relative to ``root``) are the versioned outputs (processed data, summary).
+    """
+    ensure_dvc(root, remote_dir)
+    commit_stages(root, stages)
+    push(root, paths)
+    version, created = record_version(root, paths, info)
+    return {"version": version.id, "created": created, "commit": version.commit,
+            "hashes": {p: o.get("md5") for p, o in version.outputs.items()}}
