@@ -65,8 +65,8 @@ def rollback(workspace: str | Path, version_id: str, tracking_uri: str, name: st
     trained = [mv for mv in _model_versions(tracking_uri, name)
                if data_version_id(dict(mv.tags or {})) == version.id]
     if not trained:
-        raise InputError(f"no model version of {name} was trained on data version {version.id}: "
-                         f"restore it with `infrec rollback {version.id} --refit`")
+        raise InputError(f"no model version of {name} was trained on data version {version.id} "
+                         f"(deleted from the registry?): nothing to make champion")
     passed = [mv for mv in trained if (mv.tags or {}).get("gate.passed") == "true"]
     target = (passed or trained)[-1]
     cl = client(tracking_uri)
