@@ -21,6 +21,7 @@ from flows.promote import promote_flow
 from flows.version import version_flow
 from flows.register import register_flow
 from infrec.config import Params
+from tasks.concurrency import registry_slot
 from tasks.prefect_tasks import publish_report
 
 
@@ -30,15 +31,19 @@ def pipeline(params: Params, input_path: Optional[str] = None) -> dict[str, Any]
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}"
     run_dir = str(Path(params.state_dir) / "runs" / stamp)
 
-    data = ingest_flow(params, input_path)
-    summary = distill_flow(params, data["data_dir"], run_dir)
-    versioned = version_flow(params, input_path, run_id)
-    if versioned is not None:
-        data = {**data, "dvc_data_version": versioned["version"], "dvc_hashes": versioned["hashes"]}
-    fitted = fit_flow(params, data["data_dir"], summary["summary_path"], run_dir)
-    evaluation = evaluate_flow(params, data["data_dir"])
-    registered = register_flow(params, run_dir, data, summary, fitted, evaluation, run_id)
-    promotion = promote_flow(params, registered, fitted, evaluation)
+    # one pipeline at a time per state dir: every stage writes shared paths (processed data, the
+    # summary the version stage commits) and the champion is read during evaluate
+    with registry_slot(params.state_dir):
+        data = ingest_flow(params, input_path)
+        summary = distill_flow(params, data["data_dir"], run_dir)
+        versioned = version_flow(params, input_path, run_id)
+        if versioned is not None:
+            data = {**data, "dvc_data_version": versioned["version"],
+                    "dvc_hashes": versioned["hashes"]}
+        fitted = fit_flow(params, data["data_dir"], summary["summary_path"], run_dir)
+        evaluation = evaluate_flow(params, data["data_dir"])
+        registered = register_flow(params, run_dir, data, summary, fitted, evaluation, run_id)
+        promotion = promote_flow(params, registered, fitted, evaluation)
 
     result = {
         "model_name": registered["model_name"], "version": registered["version"],

@@ -166,13 +166,7 @@ def _register_optional_commands() -> None:
     import importlib
 
     for module in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        mod.register(app)
+        importlib.import_module(module).register(app)
 
 
 _register_optional_commands()

@@ -145,7 +145,8 @@ class ScheduleParams(_Section):
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r} (an IANA name, e.g. UTC, Europe/Paris)") from None
+            raise ValueError(f"unknown time zone {value!r} "
+                             "(an IANA name, e.g. UTC, Europe/Paris)") from None
         return value
 
 
