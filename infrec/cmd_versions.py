@@ -45,15 +45,19 @@ def rollback(
 ) -> None:
     """Restore a data version's processed data and summary and make its model the champion.
 
-    All or nothing: if any step fails (remote unreachable, registry error), the workspace and the
+    Refits ∞-AE on the restored data when no model version was trained on it. All or nothing:
+    if any step fails (remote unreachable, registry error), the workspace and the
     registry are left as they were.
     """
     from tasks.rollback import rollback as do_rollback
 
     p = _params(params)
     event = _cli()._run_guarded(do_rollback, p.versioning.workspace, version, p.tracking_uri(),
-                                p.registry.model_name, p.state_dir, reason)
-    typer.echo(f"rolled back to data {event['data_version']}: champion is now "
+                                p.registry.model_name, p.state_dir, reason,
+                                experiment=p.registry.experiment, depth=p.fit.depth,
+                                lambdas=list(p.fit.summary_lambdas))
+    refit = " (refitted: no model version was trained on it)" if event["refitted"] else ""
+    typer.echo(f"rolled back to data {event['data_version']}{refit}: champion is now "
                f"{p.registry.model_name} version {event['champion']} "
                f"(was {event['from_champion'] or 'none'})")
 

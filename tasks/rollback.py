@@ -57,23 +57,58 @@ def _log_event(state_dir: Path, event: dict[str, Any]) -> None:
         fh.write(json.dumps(event, sort_keys=True) + "\n")
 
 
+def _refit(root: Path, version: Any, tracking_uri: str, name: str, state_dir: Path,
+           experiment: str, depth: int, lambdas: list[float]) -> Any:
+    """Fit ∞-AE on the restored processed data + summary of ``version``; register it, tagged."""
+    from models.metrics import METRIC_KEYS
+    from tasks.data import load_dataset
+    from tasks.fit import fit_dataset, save_model
+    from tasks.registry import log_run, metric_key, register
+
+    processed = next(p for p in version.outputs if p.endswith("processed"))
+    summary = next(p for p in version.outputs if p.endswith(".parquet"))
+    dataset = load_dataset(root / processed)
+    model, report = fit_dataset(dataset, support_path=root / summary, lambdas=lambdas, depth=depth)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    model_dir = state_dir / "runs" / f"rollback-{version.id}-{stamp}" / "model"
+    save_model(model, model_dir, dataset.item_ids, report, dataset.data_version)
+    metrics = {metric_key(split, k): report["metrics"][split][k]
+               for split in ("val", "test") for k in METRIC_KEYS}
+    tags = {"dvc_data_version": version.id, "data_version": dataset.data_version,
+            "dvc_hashes": json.dumps({p: o.get("md5") for p, o in version.outputs.items()},
+                                     sort_keys=True),
+            "refit": f"rollback to {version.id}"}
+    logged = log_run(tracking_uri=tracking_uri, experiment=experiment, artifact_root=None,
+                     run_name=f"refit-{version.id}", params={"lambda": model.lam, "depth": depth},
+                     metrics=metrics, histories={}, tags=tags, files=[], model_dir=model_dir)
+    new = register(tracking_uri, logged["model_uri"], name, tags)
+    return client(tracking_uri).get_model_version(name, new)
+
+
 def rollback(workspace: str | Path, version_id: str, tracking_uri: str, name: str,
-             state_dir: str | Path, reason: Optional[str] = None) -> dict[str, Any]:
-    """Restore ``version_id``'s data and make the model trained on it the champion (atomically)."""
+             state_dir: str | Path, reason: Optional[str] = None, *, experiment: str = "infrec",
+             depth: int = 1, lambdas: Optional[list[float]] = None) -> dict[str, Any]:
+    """Restore ``version_id``'s data and make the model trained on it the champion (atomically).
+
+    When no model version was trained on that data (deleted from the registry, say), ∞-AE is
+    refitted on the restored data and summary and registered first.
+    """
+    from models.infinite_ae import SUMMARY_LAMBDAS
+
     root = git_root(workspace)
     version = get_version(root, version_id)
     trained = [mv for mv in _model_versions(tracking_uri, name)
                if data_version_id(dict(mv.tags or {})) == version.id]
-    if not trained:
-        raise InputError(f"no model version of {name} was trained on data version {version.id} "
-                         f"(deleted from the registry?): nothing to make champion")
     passed = [mv for mv in trained if (mv.tags or {}).get("gate.passed") == "true"]
-    target = (passed or trained)[-1]
+    target = (passed or trained)[-1] if trained else None
     cl = client(tracking_uri)
     old_champion = alias_version(tracking_uri, name, CHAMPION)
     old_previous = alias_version(tracking_uri, name, PREVIOUS)
     at = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
     with restored(root, version):
+        if target is None:
+            target = _refit(root, version, tracking_uri, name, Path(state_dir), experiment, depth,
+                            list(lambdas or SUMMARY_LAMBDAS))
         try:
             if old_champion is not None and str(old_champion.version) != str(target.version):
                 cl.set_registered_model_alias(name, PREVIOUS, old_champion.version)
@@ -96,7 +131,7 @@ def rollback(workspace: str | Path, version_id: str, tracking_uri: str, name: st
                 _delete_alias(cl, name, PREVIOUS)
             raise
     event = {"event": "rollback", "at": at, "data_version": version.id,
-             "champion": str(target.version),
+             "champion": str(target.version), "refitted": not trained,
              "from_champion": None if old_champion is None else str(old_champion.version),
              "reason": reason}
     _log_event(Path(state_dir), event)

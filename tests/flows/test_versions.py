@@ -143,6 +143,16 @@ def test_versions_rollback_fresh_clone_and_failed_rollback(flow_env, tmp_path, m
     event = rollback(clone, "v2", uri, MODEL_NAME, clone / ".infrec")
     assert snapshot(clone) == v2_files and champion(uri) == v2_model
 
+    # no model version left for v1 (deleted): rollback refits on the restored data and registers
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).delete_model_version(MODEL_NAME, v1_model)
+    event = rollback(ws, "v1", uri, MODEL_NAME, ws / ".infrec", experiment="infrec-versions-test")
+    assert event["refitted"] and event["champion"] not in (v1_model, v2_model)
+    assert snapshot(ws) == v1_files and champion(uri) == event["champion"]
+    refit_tags = lineage(uri, f"models:/{MODEL_NAME}@champion")["tags"]
+    assert refit_tags["dvc_data_version"] == "v1" and refit_tags["refit"] == "rollback to v1"
+
 
 @pytest.mark.slow
 def test_dvc_repro_metrics_and_plots(tmp_path):
