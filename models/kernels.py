@@ -94,7 +94,9 @@ def _ntk_from_dots(
     n_features: int,
     config: NTKConfig = NTKConfig(),
 ) -> Any:
-    xp = _xp(dots)
+    """The recursion on JAX arrays (NumPy inputs reach it through :func:`_jitted_ntk`)."""
+    import jax.numpy as xp
+
     w2 = config.w_std**2
     b2 = config.b_std**2
     sigma = dots * (w2 / n_features) + b2
