@@ -17,23 +17,28 @@ NumPy/SciPy (OpenBLAS, float32) on CPU; JAX on an accelerator (same maths, see
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
+import os
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
-import scipy.linalg as sla
 import scipy.sparse as sp
 
-from models.kernels import NTKConfig, ntk_from_dots
+from models.kernels import NTKConfig, ntk_from_dots, row_sq_norms
+from models.linalg import spd_solve
 from models.metrics import RankingAccumulator, top_k_unseen
 
 FULL_DATA_LAMBDAS: tuple[float, ...] = (0.0, 1.0, 5.0, 20.0, 50.0, 100.0)
 SUMMARY_LAMBDAS: tuple[float, ...] = (1e-5, 1e-3, 0.1, 1.0, 5.0, 50.0)
 # relative jitter (× trace(K)/n) that replaces λ̃ when K + λ̃I is numerically singular
 STABILISING_JITTER = 1e-4
+# history batches sparser than this are multiplied in sparse form (else densified for BLAS)
+SPARSE_DOT_MAX_DENSITY = 0.005
 
 
 class SingularKernelWarning(UserWarning):
@@ -42,7 +47,15 @@ class SingularKernelWarning(UserWarning):
 
 def _dense32(matrix: Any) -> np.ndarray:
     if sp.issparse(matrix):
-        return np.asarray(matrix.toarray(), dtype=np.float32)
+        # scatter the entries straight into a float32 array: several times faster than
+        # ``toarray()`` (which builds the dense array in the sparse dtype first)
+        coo = matrix.tocoo()
+        out = np.zeros(coo.shape, dtype=np.float32)
+        if coo.has_canonical_format:
+            out[coo.row, coo.col] = coo.data
+        else:  # duplicate entries add up, as in ``toarray()``
+            np.add.at(out, (coo.row, coo.col), coo.data)
+        return out
     return np.ascontiguousarray(matrix, dtype=np.float32)
 
 
@@ -54,6 +67,17 @@ def _accelerated() -> bool:
         return jax.default_backend() != "cpu"
     except Exception:  # pragma: no cover - jax always importable in the pinned set
         return False
+
+
+def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` in float32: NumPy's BLAS on a CPU, JAX at full float32 precision on a GPU/TPU."""
+    if _accelerated():
+        import jax
+        import jax.numpy as jnp
+
+        product = jnp.matmul(jnp.asarray(a), jnp.asarray(b), precision=jax.lax.Precision.HIGHEST)
+        return np.asarray(product)
+    return a @ b
 
 
 @dataclass
@@ -69,7 +93,10 @@ class InfAE:
     def __post_init__(self) -> None:
         self.support = _dense32(self.support)
         self.alpha = np.ascontiguousarray(self.alpha, dtype=np.float32)
-        self._support_sq = (self.support * self.support).sum(axis=1)
+
+    @functools.cached_property
+    def _support_sq(self) -> np.ndarray:
+        return row_sq_norms(self.support)
 
     @property
     def n_items(self) -> int:
@@ -78,19 +105,22 @@ class InfAE:
     def cross_kernel(self, histories: Any) -> np.ndarray:
         """``k(histories, support)``: b × n (closed-form NTK, float32).
 
-        Sparse histories are multiplied as they are (no densifying): at the ≈1–5% density of
-        interaction rows that is several times cheaper than a dense product.
+        Very sparse history batches are multiplied as they are; denser ones (interaction logs
+        are ≈1–5% dense) are densified first, since a dense BLAS product is then faster.
         """
         if histories.shape[1] != self.n_items:
             raise ValueError(f"histories have {histories.shape[1]} items, the model has {self.n_items}")
         if sp.issparse(histories):
             h = sp.csr_matrix(histories, dtype=np.float32)
-            dots = np.asarray(h @ self._support_t)
             sq = np.asarray(h.multiply(h).sum(axis=1), dtype=np.float32).ravel()
+            if h.nnz <= SPARSE_DOT_MAX_DENSITY * h.shape[0] * h.shape[1] and not _accelerated():
+                dots = np.asarray(h @ self._support_t)
+            else:
+                dots = _matmul(_dense32(h), self._support_t)
         else:
             h = _dense32(histories)
-            dots = h @ self.support.T
-            sq = (h * h).sum(axis=1)
+            dots = _matmul(h, self._support_t)
+            sq = row_sq_norms(h)
         return ntk_from_dots(dots, sq, self._support_sq, self.n_items, self.config)
 
     @functools.cached_property
@@ -99,13 +129,36 @@ class InfAE:
 
     def scores(self, histories: Any) -> np.ndarray:
         """Raw scores ``k(h, X) α`` (b × m) for a batch of history rows (dense or sparse)."""
-        return self.cross_kernel(histories) @ self.alpha
+        return _matmul(self.cross_kernel(histories), self.alpha)
 
     def iter_scores(self, histories: Any, batch_size: int = 2048) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start_row, scores)`` over row batches so memory stays bounded."""
         n = histories.shape[0]
         for start in range(0, n, batch_size):
             yield start, self.scores(histories[start : start + batch_size])
+
+    def iter_scores_of_support_users(self, histories: Any, support_gram: np.ndarray,
+                                     batch_size: int = 1024) -> Iterator[tuple[int, np.ndarray]]:
+        """:meth:`iter_scores` for the support users themselves under changed histories.
+
+        Row ``i`` of ``histories`` is support row ``i`` plus (or minus) a few interactions — the
+        test context train + validation of a model fitted on every train user, say — and
+        ``support_gram`` is ``X Xᵀ`` of the support. Then ``H Xᵀ = X Xᵀ + (H − X) Xᵀ`` where
+        ``H − X`` is sparse: exact (integer-valued for binary data), without the n × m × n product.
+        """
+        n = self.support.shape[0]
+        if histories.shape != self.support.shape:
+            raise ValueError(f"histories are {histories.shape[0]} × {histories.shape[1]}, the support "
+                             f"{n} × {self.n_items}: row i must be support user i")
+        if support_gram.shape != (n, n):
+            raise ValueError(f"support_gram is {support_gram.shape}, expected ({n}, {n})")
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            h = _dense32(histories[start:stop])
+            edits = sp.csr_matrix(h - self.support[start:stop])
+            dots = support_gram[start:stop] + np.asarray(edits @ self._support_t)
+            kernel = ntk_from_dots(dots, row_sq_norms(h), self._support_sq, self.n_items, self.config)
+            yield start, _matmul(kernel, self.alpha)
 
     def recommend(self, histories: Any, k: int = 10, batch_size: int = 2048) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` unseen items and their scores for each history row (best first)."""
@@ -119,11 +172,20 @@ class InfAE:
         return np.concatenate(items), np.concatenate(scores)
 
 
-def kernel_matrix(support: Any, config: NTKConfig = NTKConfig()) -> np.ndarray:
-    """``K = k(X, X)`` (n × n, float32), computed once per support set."""
+def kernel_matrix(support: Any, config: NTKConfig = NTKConfig(), *,
+                  gram: np.ndarray | None = None) -> np.ndarray:
+    """``K = k(X, X)`` (n × n, float32), computed once per support set (from ``gram`` if given)."""
     x = _dense32(support)
-    sq = (x * x).sum(axis=1)
-    return ntk_from_dots(x @ x.T, sq, sq, x.shape[1], config)
+    sq = row_sq_norms(x)
+    dots = support_gram(x) if gram is None else gram
+    return ntk_from_dots(dots, sq, sq, x.shape[1], config)
+
+
+def support_gram(support: Any) -> np.ndarray:
+    """``X Xᵀ`` (n × n, float32): the dot products behind ``K``, reusable for scoring the
+    support users under extended histories (:meth:`InfAE.iter_scores_of_support_users`)."""
+    x = _dense32(support)
+    return _matmul(x, x.T) if _accelerated() else x @ x.T  # NumPy turns X Xᵀ into one SYRK
 
 
 def scaled_lambda(kernel: np.ndarray, lam: float) -> float:
@@ -131,16 +193,18 @@ def scaled_lambda(kernel: np.ndarray, lam: float) -> float:
     return float(lam) * float(np.trace(kernel, dtype=np.float64)) / kernel.shape[0]
 
 
-def solve_alpha(kernel: np.ndarray, targets: np.ndarray, lam: float) -> tuple[np.ndarray, float]:
+def solve_alpha(kernel: np.ndarray, targets: np.ndarray, lam: float, *,
+                workspace: SolveWorkspace | None = None) -> tuple[np.ndarray, float]:
     """α = (K + λ̃ I)⁻¹ X by Cholesky; returns ``(α, λ̃ used)``.
 
     If ``K + λ̃I`` is numerically singular (λ = 0 on duplicate support rows, say), λ̃ is raised to
     ``STABILISING_JITTER · trace(K)/n`` with a :class:`SingularKernelWarning`; never NaN.
+    ``workspace`` lends reusable buffers (a λ grid then allocates nothing per λ).
     """
     lam_scaled = scaled_lambda(kernel, lam)
     jitter = STABILISING_JITTER * float(np.trace(kernel, dtype=np.float64)) / kernel.shape[0]
     for attempt in range(2):
-        alpha = _cholesky_solve(kernel, targets, lam_scaled)
+        alpha = _cholesky_solve(kernel, targets, lam_scaled, workspace)
         if alpha is not None and np.all(np.isfinite(alpha)):
             return alpha, lam_scaled
         if attempt == 0:
@@ -154,7 +218,31 @@ def solve_alpha(kernel: np.ndarray, targets: np.ndarray, lam: float) -> tuple[np
     raise np.linalg.LinAlgError(f"K + λ̃I is not positive definite even at λ̃={lam_scaled:g}")
 
 
-def _cholesky_solve(kernel: np.ndarray, targets: np.ndarray, lam_scaled: float) -> np.ndarray | None:
+@dataclass
+class SolveWorkspace:
+    """Buffers reused across the solves of a λ grid: the factor, and spare α arrays.
+
+    A solve takes a spare α buffer (or a new one); :meth:`give_back` returns an α that is no
+    longer needed, so the next λ writes into it instead of allocating (and page-faulting) again.
+    """
+
+    factor: np.ndarray | None = None
+    spare: list[np.ndarray] = field(default_factory=list)
+
+    def take(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray | None:
+        while self.spare:
+            buf = self.spare.pop()
+            if buf.shape == tuple(shape) and buf.dtype == dtype:
+                return buf
+        return None
+
+    def give_back(self, alpha: np.ndarray | None) -> None:
+        if alpha is not None:
+            self.spare.append(alpha)
+
+
+def _cholesky_solve(kernel: np.ndarray, targets: np.ndarray, lam_scaled: float,
+                    workspace: SolveWorkspace | None = None) -> np.ndarray | None:
     if _accelerated():
         import jax.numpy as jnp
         import jax.scipy.linalg as jsla
@@ -162,13 +250,16 @@ def _cholesky_solve(kernel: np.ndarray, targets: np.ndarray, lam_scaled: float) 
         a = jnp.asarray(kernel) + lam_scaled * jnp.eye(kernel.shape[0], dtype=jnp.float32)
         factor = jsla.cho_factor(a, lower=True)
         return np.asarray(jsla.cho_solve(factor, jnp.asarray(targets)))
-    a = kernel.copy()
-    a[np.diag_indices_from(a)] += np.float32(lam_scaled)
-    try:
-        factor = sla.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)
-    except np.linalg.LinAlgError:
-        return None
-    return sla.cho_solve(factor, targets, check_finite=False)
+    if workspace is None:
+        return spd_solve(kernel, targets, shift=lam_scaled)
+    dtype = np.result_type(kernel.dtype, np.float32)
+    if workspace.factor is None or workspace.factor.shape != kernel.shape or workspace.factor.dtype != dtype:
+        workspace.factor = np.empty(kernel.shape, dtype=dtype)
+    out = workspace.take(targets.shape, dtype)
+    alpha = spd_solve(kernel, targets, shift=lam_scaled, a_work=workspace.factor, out=out)
+    if alpha is None:
+        workspace.give_back(out)
+    return alpha
 
 
 @dataclass
@@ -187,32 +278,93 @@ class EvalSet:
         self.seen = self.context if self.seen is None else sp.csr_matrix(self.seen)
 
 
-def evaluate_score_batches(batches: Iterable[tuple[int, np.ndarray]], data: EvalSet, k_max: int = 100) -> dict[str, float]:
-    """Metrics from ``(start_row, scores)`` batches of a scorer over ``data``'s users."""
+# batches ranked at once by evaluate_score_batches (NumPy's partition/sort release the GIL)
+EVAL_THREADS = max(1, min(2, os.cpu_count() or 1))
+
+
+def evaluate_score_batches(batches: Iterable[tuple[int, np.ndarray]], data: EvalSet, k_max: int = 100,
+                           *, threads: int | None = None) -> dict[str, float]:
+    """Metrics from ``(start_row, scores)`` batches of a scorer over ``data``'s users.
+
+    Each batch is ranked and scored on its own (``threads`` at a time, the next batch being made
+    meanwhile) and the per-batch sums are added up in batch order, so the result does not depend
+    on ``threads``. A batch's scores are overwritten (seen items masked in place); a producer
+    that reuses buffers needs ``threads + 1`` of them.
+    """
+    threads = EVAL_THREADS if threads is None else max(1, int(threads))
     acc = RankingAccumulator(weights=data.weights)
-    for start, scores in batches:
-        stop = start + scores.shape[0]
-        targets = data.targets[start:stop]
-        if data.negatives is not None:
-            acc.add_auc(scores, targets, data.negatives[start:stop])
-        # the batch is ours to overwrite: mask seen items in place
-        acc.add(top_k_unseen(scores, data.seen[start:stop], k_max, overwrite=True), targets)
+    if threads == 1:
+        for start, scores in batches:
+            acc.merge(_batch_metrics(start, scores, data, k_max))
+        return acc.result()
+    pending: collections.deque[Future[RankingAccumulator]] = collections.deque()
+    with ThreadPoolExecutor(threads) as pool:
+        for start, scores in batches:
+            pending.append(pool.submit(_batch_metrics, start, scores, data, k_max))
+            while len(pending) >= threads:
+                acc.merge(pending.popleft().result())
+        while pending:
+            acc.merge(pending.popleft().result())
     return acc.result()
 
 
-def evaluate(model: InfAE, data: EvalSet, batch_size: int = 2048) -> dict[str, float]:
-    """All metrics of ``model`` on ``data`` (batched scoring)."""
-    return evaluate_score_batches(model.iter_scores(data.context, batch_size), data)
+def _batch_metrics(start: int, scores: np.ndarray, data: EvalSet, k_max: int) -> RankingAccumulator:
+    part = RankingAccumulator(weights=data.weights)
+    stop = start + scores.shape[0]
+    targets = data.targets[start:stop]
+    if data.negatives is not None:
+        part.add_auc(scores, targets, data.negatives[start:stop])
+    # the batch is ours to overwrite: mask seen items in place
+    part.add(top_k_unseen(scores, data.seen[start:stop], k_max, overwrite=True), targets)
+    return part
 
 
-def _solve_recording(kernel: np.ndarray, x: np.ndarray, lam: float) -> tuple[np.ndarray, float, bool]:
+def evaluate(model: InfAE, data: EvalSet, batch_size: int = 1024, *,
+             support_gram: np.ndarray | None = None) -> dict[str, float]:
+    """All metrics of ``model`` on ``data`` (batched scoring).
+
+    ``support_gram`` (``X Xᵀ`` of the model's support) says that ``data``'s users are the support
+    users themselves, row for row, with changed histories (test after a fit on all train users):
+    their kernel rows then come from the Gram (:meth:`InfAE.iter_scores_of_support_users`).
+    """
+    if support_gram is not None:
+        batches = model.iter_scores_of_support_users(data.context, support_gram, batch_size)
+    else:
+        batches = model.iter_scores(data.context, batch_size)
+    return evaluate_score_batches(batches, data)
+
+
+def _solve_recording(kernel: np.ndarray, x: np.ndarray, lam: float,
+                     workspace: SolveWorkspace | None = None) -> tuple[np.ndarray, float, bool]:
     """:func:`solve_alpha`, re-emitting its warnings and saying whether λ̃ was stabilised."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SingularKernelWarning)
-        alpha, lam_scaled = solve_alpha(kernel, x, lam)
+        alpha, lam_scaled = solve_alpha(kernel, x, lam, workspace=workspace)
     for w in caught:
         warnings.warn(w.message, w.category, stacklevel=3)
     return alpha, lam_scaled, any(issubclass(w.category, SingularKernelWarning) for w in caught)
+
+
+def _support_scores(x: np.ndarray, alpha: np.ndarray | None, lam_scaled: float,
+                    batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Scores ``K α = X − λ̃ α`` of the support rows themselves (``X`` when ``alpha`` is None).
+
+    Batches are written into a ring of ``EVAL_THREADS + 1`` reused buffers, enough for
+    :func:`evaluate_score_batches` (which holds at most ``EVAL_THREADS`` batches while the next
+    one is made).
+    """
+    n, m = x.shape
+    ring = [np.empty((min(batch_size, n), m), dtype=np.float32) for _ in range(min(EVAL_THREADS + 1,
+                                                                                  -(-n // batch_size)))]
+    for i, start in enumerate(range(0, n, batch_size)):
+        stop = min(start + batch_size, n)
+        out = ring[i % len(ring)][: stop - start]
+        if alpha is None:
+            np.copyto(out, x[start:stop])
+        else:
+            np.multiply(alpha[start:stop], np.float32(-lam_scaled), out=out)
+            out += x[start:stop]
+        yield start, out
 
 
 @dataclass
@@ -231,7 +383,7 @@ def fit_select(
     *,
     support_is_val_context: bool = False,
     select_metric: str = "hr@100",
-    batch_size: int = 2048,
+    batch_size: int = 1024,
     kernel: np.ndarray | None = None,
     on_lambda: Callable[[LambdaResult], None] | None = None,
 ) -> tuple[InfAE, list[LambdaResult]]:
@@ -249,20 +401,22 @@ def fit_select(
         kernel = kernel_matrix(x, config)
     cross = None
     if not support_is_val_context:
-        sup_sq = (x * x).sum(axis=1)
+        sup_sq = row_sq_norms(x)
         ctx = val.context
 
         def cross_batches() -> Iterator[tuple[int, np.ndarray]]:
             for start in range(0, ctx.shape[0], batch_size):
                 h = _dense32(ctx[start : start + batch_size])
-                yield start, ntk_from_dots(h @ x.T, (h * h).sum(axis=1), sup_sq, x.shape[1], config)
+                yield start, ntk_from_dots(_matmul(h, x.T), row_sq_norms(h), sup_sq, x.shape[1], config)
 
         if ctx.shape[0] * x.shape[0] * 4 <= 512 * 2**20:  # cache k(C, X) when small (≤ 512 MB)
             cross = list(cross_batches())
 
     path: list[LambdaResult] = []
-    best: InfAE | None = None
+    best: LambdaResult | None = None
+    best_alpha: np.ndarray | None = None  # None while the best λ is one that needed no solve
     best_value = -math.inf
+    workspace = SolveWorkspace()  # one factor buffer and ≤ 2 α buffers for the whole grid
     for lam in lambdas:
         alpha: np.ndarray | None = None
         stabilised = False
@@ -271,26 +425,28 @@ def fit_select(
             # λ = 0 interpolates the support: K K⁻¹ X = X, so the scores of the support users are
             # their own rows (every unseen item ties at 0). Exact, and no solve is needed unless
             # this λ is the one kept.
-            batches = ((s, x[s : s + batch_size].copy()) for s in range(0, x.shape[0], batch_size))
+            batches = _support_scores(x, None, 0.0, batch_size)
         else:
-            alpha, lam_scaled, stabilised = _solve_recording(kernel, x, lam)
+            alpha, lam_scaled, stabilised = _solve_recording(kernel, x, lam, workspace)
             if support_is_val_context:
                 # K α = X − λ̃ α ; seen (support) items are masked, so the rest ranks by −α
-                batches = ((s, x[s : s + batch_size] - lam_scaled * alpha[s : s + batch_size])
-                           for s in range(0, x.shape[0], batch_size))
+                batches = _support_scores(x, alpha, lam_scaled, batch_size)
             else:
                 source = cross if cross is not None else cross_batches()
-                batches = ((s, kb @ alpha) for s, kb in source)
+                batches = ((s, _matmul(kb, alpha)) for s, kb in source)
         metrics = evaluate_score_batches(batches, val)
         result = LambdaResult(lam=float(lam), lam_scaled=lam_scaled, val=metrics, stabilised=stabilised)
         path.append(result)
         if on_lambda is not None:
             on_lambda(result)
         if metrics[select_metric] > best_value:
-            if alpha is None:
-                alpha, lam_scaled, result.stabilised = _solve_recording(kernel, x, lam)
-                result.lam_scaled = lam_scaled
             best_value = metrics[select_metric]
-            best = InfAE(support=x, alpha=alpha, lam=float(lam), lam_scaled=lam_scaled, config=config)
+            workspace.give_back(best_alpha)  # the previous best's α is free for the next λ
+            best, best_alpha = result, alpha
+        else:
+            workspace.give_back(alpha)
     assert best is not None
-    return best, path
+    if best_alpha is None:  # the kept λ was scored without a solve (λ = 0): solve it now
+        best_alpha, best.lam_scaled, best.stabilised = _solve_recording(kernel, x, best.lam, workspace)
+    model = InfAE(support=x, alpha=best_alpha, lam=best.lam, lam_scaled=best.lam_scaled, config=config)
+    return model, path

@@ -60,6 +60,15 @@ def _xp(array: Any):
     return jnp
 
 
+def row_sq_norms(x: np.ndarray) -> np.ndarray:
+    """``Σ_j x_ij²`` per row of a dense NumPy array, in its dtype, without an n×m temporary.
+
+    Every NumPy caller of :func:`ntk_from_dots` uses this one function, so a support's norms are
+    bit-identical wherever they are computed (full scoring, blocked scoring, the fit).
+    """
+    return np.einsum("ij,ij->i", x, x)
+
+
 def ntk_from_dots(
     dots: Any,
     sq_x: Any,

@@ -37,7 +37,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from models.infinite_ae import InfAE, solve_alpha
-from models.kernels import NTKConfig, ntk_from_dots
+from models.kernels import NTKConfig, ntk_from_dots, row_sq_norms
 from models.metrics import top_k_unseen
 
 # Below this many rows a chunk is not worth a thread hand-off.
@@ -87,7 +87,7 @@ def _row_sq(rows: Any) -> np.ndarray:
             sums = np.add.reduceat(rows.data * rows.data, rows.indptr[:-1][nonempty])
             sq[nonempty] = sums
         return sq
-    return (rows * rows).sum(axis=1)  # as InfAE.cross_kernel computes it
+    return row_sq_norms(np.asarray(rows, dtype=np.float32))  # as InfAE.cross_kernel computes it
 
 
 def _seen_mask(rows: Any) -> sp.csr_matrix:
@@ -105,7 +105,7 @@ class BlockedScorer:
         self.model = model
         self.threads = default_threads() if threads is None else max(1, int(threads))
         self._support_t = np.ascontiguousarray(model.support.T)
-        self._support_sq = (model.support * model.support).sum(axis=1)  # as InfAE computes it
+        self._support_sq = row_sq_norms(model.support)  # as InfAE computes it
         self._pool: ThreadPoolExecutor | None = None
         # seconds spent per step, accumulated over calls (for profiling; wall clock)
         self.seconds: dict[str, float] = {"kernel": 0.0, "matmul": 0.0, "top_k": 0.0}

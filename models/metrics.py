@@ -130,6 +130,14 @@ class RankingAccumulator:
                 self.sums[key] = self.sums.get(key, 0.0) + float(vals.sum())
         self.n_users += int(keep.sum())
 
+    def merge(self, other: "RankingAccumulator") -> None:
+        """Add another accumulator's sums (a later batch's: pooled AUC scores keep batch order)."""
+        for key, value in other.sums.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.n_users += other.n_users
+        self.pos_scores.extend(other.pos_scores)
+        self.neg_scores.extend(other.neg_scores)
+
     def result(self) -> dict[str, float]:
         """Means ×100 over users with targets, plus the pooled AUC (a fraction)."""
         if self.n_users == 0:

@@ -62,6 +62,47 @@ def test_support_shortcut_equals_explicit_kernel_scores():
         assert a.val["auc"] == pytest.approx(b.val["auc"], abs=1e-4)
 
 
+def test_lambda_zero_kept_without_a_solve_is_solved_at_the_end():
+    """λ = 0 is scored for free (K K⁻¹X = X); if it wins, its α is solved once, at the end."""
+    train, _, w = low_rank_data(4, n=150, m=70)
+    x = train.toarray()
+    # each user's target: the lowest-index item they have not seen — λ = 0 ties every unseen item
+    # at score 0 and breaks ties by index, so it ranks that target first: HR@10 = 100
+    first_unseen = np.argmax(x == 0, axis=1)
+    targets = sp.csr_matrix((np.ones(len(x), np.float32), (np.arange(len(x)), first_unseen)), shape=x.shape)
+    ev = EvalSet(context=train, targets=targets, weights=w)
+    model, path = fit_select(train, ev, [0.0, 1.0, 20.0], support_is_val_context=True,
+                             select_metric="hr@10")
+    assert [r.lam for r in path] == [0.0, 1.0, 20.0]
+    assert path[0].val["hr@10"] == pytest.approx(100.0)
+    assert max(r.val["hr@10"] for r in path[1:]) < 100.0
+    assert model.lam == 0.0
+    alpha, lam_s = solve_alpha(kernel_matrix(x), x, 0.0)
+    np.testing.assert_allclose(model.alpha, alpha, rtol=1e-5, atol=1e-5 * np.abs(alpha).max())
+    assert model.lam_scaled == lam_s == path[0].lam_scaled
+
+
+def test_support_user_scores_from_the_gram_equal_direct_scores():
+    """Test-time scoring of the support users (train + val context) through X Xᵀ is exact."""
+    train, val, w = low_rank_data(5, n=130, m=50)
+    x = train.toarray()
+    model = InfAE(support=x, alpha=solve_alpha(kernel_matrix(x), x, 5.0)[0], lam=5.0,
+                  lam_scaled=0.0)
+    context = (train + val).tocsr()
+    gram = x @ x.T
+    direct = dict(model.iter_scores(context, batch_size=40))
+    via_gram = dict(model.iter_scores_of_support_users(context, gram, batch_size=40))
+    assert direct.keys() == via_gram.keys() == {0, 40, 80, 120}
+    for start in direct:
+        np.testing.assert_allclose(via_gram[start], direct[start], rtol=1e-5, atol=1e-6)
+    ev = EvalSet(context=context, targets=val, weights=w)
+    assert evaluate(model, ev, support_gram=gram) == pytest.approx(evaluate(model, ev), abs=1e-9)
+    with pytest.raises(ValueError, match="support user"):
+        next(model.iter_scores_of_support_users(context[:100], gram))
+    with pytest.raises(ValueError, match="support_gram"):
+        next(model.iter_scores_of_support_users(context, gram[:100]))
+
+
 def test_beats_popularity_and_selects_best_lambda():
     train, val, w = low_rank_data(2, n=200, m=80)
     ev = EvalSet(context=train, targets=val, weights=w)

@@ -12,13 +12,16 @@ def _binary(rng, n, m, density=0.2):
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_closed_form_equals_stax_float64(depth):
-    from jax.experimental import enable_x64
+    try:  # jax.experimental.enable_x64 is gone from newer jax (0.11 has jax.enable_x64)
+        from jax import enable_x64
+    except ImportError:  # jax 0.4.x
+        from jax.experimental import enable_x64
     import jax.numpy as jnp
 
     rng = np.random.default_rng(depth)
     x, y = _binary(rng, 12, 30), _binary(rng, 7, 30)
     config = NTKConfig(depth=depth)
-    with enable_x64():
+    with enable_x64(True):
         xj, yj = jnp.asarray(x, jnp.float64), jnp.asarray(y, jnp.float64)
         expected = np.asarray(stax_kernel_fn(30, config)(xj, yj))
         dots = xj @ yj.T
