@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -27,9 +26,7 @@ from typing import Any
 
 import numpy as np
 
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from bench.common import jax_device, peak_rss_mb
 
 
 def say(msg: str) -> None:
@@ -207,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fidelity_ndcg@10": out["test"]["ndcg@10"] / out["full_test"]["ndcg@10"],
         "random_fidelity_ndcg@10": out["random_test"]["ndcg@10"] / out["full_test"]["ndcg@10"],
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "device": jax_device(),
         "device": f"{jax.default_backend()} ({os.cpu_count()} cores)",
         "loadavg_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
     })

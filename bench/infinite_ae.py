@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bench.common import jax_device, peak_rss_mb
 
 
 def floor_seconds(train) -> float:
@@ -33,10 +34,6 @@ def floor_seconds(train) -> float:
     alpha = sla.cho_solve(factor, x, check_finite=False)
     _ = gram @ alpha  # the predict matmul (same n × n × m shape)
     return time.perf_counter() - t0
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -110,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": seconds,
         "floor_seconds": floor,
         "peak_rss_mb": peak_rss_mb(),
+        "device": jax_device(),
     }
     print(json.dumps(result))
     return result

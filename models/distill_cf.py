@@ -434,14 +434,18 @@ def make_step_fn(n_items: int, cardinality_norm: float, config: DistillConfig = 
     loss_fn, sample_fn = make_loss_fn(n_items, cardinality_norm, config)
     value_and_grad_fn = jax.value_and_grad(loss_fn)
 
+    # full float32 products on GPUs too (XLA's default there is TF32, 10-bit mantissas), so a
+    # summary does not depend on the accelerator; CPUs compute float32 either way
     def step_fn(state: AdamState, key: jax.Array, lam: jax.Array, targets: jax.Array,
                 targets_sq: jax.Array) -> tuple[AdamState, jax.Array]:
-        seeds = draw_seeds(key, config.samples, config.noise)
-        loss, grad = value_and_grad_fn(state.params, seeds, lam, targets, targets_sq, targets_sq)
-        return adam_update(state, grad, config.lr), loss
+        with jax.default_matmul_precision("float32"):
+            seeds = draw_seeds(key, config.samples, config.noise)
+            loss, grad = value_and_grad_fn(state.params, seeds, lam, targets, targets_sq, targets_sq)
+            return adam_update(state, grad, config.lr), loss
 
     def sample_with_key(x_raw: jax.Array, key: jax.Array) -> jax.Array:
-        return sample_fn(x_raw, draw_seeds(key, config.samples, config.noise))
+        with jax.default_matmul_precision("float32"):
+            return sample_fn(x_raw, draw_seeds(key, config.samples, config.noise))
 
     options = compiler_options()
     return (jax.jit(step_fn, compiler_options=options),
