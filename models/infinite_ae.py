@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import scipy.sparse as sp
 
-from models.kernels import NTKConfig, ntk_from_dots, row_sq_norms
+from models.kernels import NTKConfig, accelerated as _accelerated, ntk_from_dots, pad_rows, row_sq_norms
 from models.linalg import spd_solve
 from models.metrics import RankingAccumulator, top_k_unseen
 
@@ -59,24 +59,16 @@ def _dense32(matrix: Any) -> np.ndarray:
     return np.ascontiguousarray(matrix, dtype=np.float32)
 
 
-def _accelerated() -> bool:
-    """True when JAX's default backend is a GPU/TPU (then the solves run in JAX)."""
-    try:
-        import jax
-
-        return jax.default_backend() != "cpu"
-    except Exception:  # pragma: no cover - jax always importable in the pinned set
-        return False
-
-
 def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a @ b`` in float32: NumPy's BLAS on a CPU, JAX at full float32 precision on a GPU/TPU."""
     if _accelerated():
         import jax
         import jax.numpy as jnp
 
-        product = jnp.matmul(jnp.asarray(a), jnp.asarray(b), precision=jax.lax.Precision.HIGHEST)
-        return np.asarray(product)
+        rows = a.shape[0]
+        product = jnp.matmul(jnp.asarray(pad_rows(np.asarray(a, dtype=np.float32))), jnp.asarray(b),
+                             precision=jax.lax.Precision.HIGHEST)
+        return np.asarray(product)[:rows]
     return a @ b
 
 

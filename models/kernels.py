@@ -60,6 +60,30 @@ def _xp(array: Any):
     return jnp
 
 
+def accelerated() -> bool:
+    """True when JAX's default backend is a GPU/TPU (the big products and solves then run there)."""
+    try:
+        import jax
+
+        return jax.default_backend() != "cpu"
+    except Exception:  # pragma: no cover - jax always importable in the pinned set
+        return False
+
+
+# On an accelerator every new array shape is a new XLA compilation (with GEMM autotuning on
+# GPUs: seconds each). Row counts are padded up to a multiple of this, so batches of a fixed size
+# and their shorter last batch share one compiled program.
+ACCELERATOR_ROW_MULTIPLE = 512
+
+
+def pad_rows(a: np.ndarray, multiple: int = ACCELERATOR_ROW_MULTIPLE) -> np.ndarray:
+    """``a`` with zero rows appended up to a multiple of ``multiple`` rows (itself if none needed)."""
+    extra = -a.shape[0] % multiple
+    if not extra:
+        return a
+    return np.concatenate([a, np.zeros((extra,) + a.shape[1:], dtype=a.dtype)])
+
+
 def row_sq_norms(x: np.ndarray) -> np.ndarray:
     """``Σ_j x_ij²`` per row of a dense NumPy array, in its dtype, without an n×m temporary.
 
@@ -84,8 +108,13 @@ def ntk_from_dots(
     """
     if isinstance(dots, np.ndarray):
         fn = _jitted_ntk(int(n_features), config)
-        return np.asarray(fn(dots.astype(np.float32, copy=False), np.asarray(sq_x, np.float32),
-                             np.asarray(sq_y, np.float32)))
+        dots = dots.astype(np.float32, copy=False)
+        sq_x = np.asarray(sq_x, np.float32)
+        sq_y = np.asarray(sq_y, np.float32)
+        if accelerated() and dots.shape[0] % ACCELERATOR_ROW_MULTIPLE:
+            rows = dots.shape[0]  # padded rows have zero norms: finite (b_std > 0) and cut off
+            return np.asarray(fn(pad_rows(dots), pad_rows(sq_x), sq_y))[:rows]
+        return np.asarray(fn(dots, sq_x, sq_y))
     return _ntk_from_dots(dots, sq_x, sq_y, n_features, config)
 
 

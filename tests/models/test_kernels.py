@@ -59,3 +59,13 @@ def test_features_must_match():
 def test_depth_must_be_positive():
     with pytest.raises(ValueError):
         NTKConfig(depth=0)
+
+
+def test_pad_rows_appends_zero_rows_up_to_the_multiple():
+    from models.kernels import pad_rows
+
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    padded = pad_rows(a, 4)
+    assert padded.shape == (4, 4) and np.array_equal(padded[:3], a) and not padded[3].any()
+    assert pad_rows(padded, 4) is padded
+    assert pad_rows(np.ones(5, np.float32), 4).shape == (8,)
