@@ -322,7 +322,8 @@ def cholesky_solve(a: jax.Array, b: jax.Array) -> jax.Array:
     factor = jnp.linalg.cholesky(a)
     identity = jnp.eye(a.shape[0], dtype=a.dtype)
     inv_factor = lax.linalg.triangular_solve(factor, identity, left_side=True, lower=True)
-    return inv_factor.T @ (inv_factor @ b)
+    highest = lax.Precision.HIGHEST  # full float32 on GPUs too (not TF32), wherever it is called
+    return jnp.matmul(inv_factor.T, jnp.matmul(inv_factor, b, precision=highest), precision=highest)
 
 
 @jax.custom_vjp
