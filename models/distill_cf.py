@@ -469,9 +469,13 @@ def single_threaded_blas() -> contextlib.AbstractContextManager[Any]:
 # -- the training loop ---------------------------------------------------------------------------
 def _validate(support: np.ndarray, val: EvalSet, config: DistillConfig
               ) -> tuple[float, dict[str, float]]:
-    """∞-AE on ``support``, λ chosen on validation: ``(best λ, its validation metrics)``."""
+    """∞-AE on ``support``, λ chosen on validation: ``(best λ, its validation metrics)``.
+
+    Only the kept λ needs every metric: the others are ranked for the selection metric alone.
+    """
     model, path = fit_select(support, val, config.lambdas, config.kernel,
-                             select_metric=config.select_metric)
+                             select_metric=config.select_metric,
+                             path_metrics=(config.select_metric,))
     best = next(p for p in path if p.lam == model.lam)
     return model.lam, best.val
 

@@ -36,12 +36,15 @@ def propensity_weights(train_counts: np.ndarray, n_train: int) -> np.ndarray:
 
 
 def top_k_unseen(
-    scores: np.ndarray, seen: sp.csr_matrix | None, k: int, *, overwrite: bool = False
+    scores: np.ndarray, seen: sp.csr_matrix | None, k: int, *, overwrite: bool = False,
+    sort: bool = True,
 ) -> np.ndarray:
     """Indices of the ``k`` best items per row of ``scores`` with ``seen`` items excluded.
 
-    Rows are ranked by descending score; ties are broken by the lower item index so the result
-    is deterministic. NaN scores rank last. ``scores`` is modified only if ``overwrite``.
+    Rows are ranked by descending score, ties broken by the lower item index; which of several
+    items tied at the k-th score make the cut is up to NumPy's (deterministic) selection. NaN
+    scores rank last. ``scores`` is modified only if ``overwrite``. ``sort=False`` returns the
+    same k items per row unordered (all a hit rate needs).
     """
     if overwrite and scores.dtype == np.float32 and scores.flags.writeable:
         s = scores
@@ -59,6 +62,8 @@ def top_k_unseen(
         part = np.argpartition(s, m - k, axis=1)[:, m - k :]
     else:
         part = np.broadcast_to(np.arange(m), (n, m)).copy()
+    if not sort:
+        return part
     part_scores = np.take_along_axis(s, part, axis=1)
     # lexsort: last key is primary → sort by -score, then by item index
     order = np.lexsort((part, -part_scores), axis=1)
@@ -128,6 +133,26 @@ class RankingAccumulator:
             for name, vals in (("hr", hr), ("ndcg", ndcg), ("psp", psp)):
                 key = f"{name}@{k}"
                 self.sums[key] = self.sums.get(key, 0.0) + float(vals.sum())
+        self.n_users += int(keep.sum())
+
+    def add_hit_rates(self, top_sets: dict[int, np.ndarray], targets: sp.csr_matrix) -> None:
+        """Add a batch's ``HR@k`` only, from each k's unordered top-k item sets (b × k).
+
+        Equal to the ``hr@k`` that :meth:`add` gives for the same top-k items.
+        """
+        targets = sp.csr_matrix(targets)
+        p = np.diff(targets.indptr)
+        keep = p > 0
+        if not keep.any():
+            return
+        targets = targets[keep]
+        p = p[keep].astype(np.float64)
+        for k, top in top_sets.items():
+            top = top[keep]
+            rows = np.repeat(np.arange(top.shape[0]), top.shape[1])
+            h = np.asarray(targets[rows, top.ravel()]).reshape(top.shape) > 0
+            hr = h.sum(axis=1) / np.minimum(p, k)
+            self.sums[f"hr@{k}"] = self.sums.get(f"hr@{k}", 0.0) + float(hr.sum())
         self.n_users += int(keep.sum())
 
     def merge(self, other: "RankingAccumulator") -> None:

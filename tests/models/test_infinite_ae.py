@@ -203,3 +203,36 @@ def test_accelerator_code_path_gives_the_cpu_results(monkeypatch):
     for a, b in zip(acc_path, cpu_path):
         assert a.val["hr@100"] == pytest.approx(b.val["hr@100"], abs=1e-6)
     assert acc_test == pytest.approx(cpu_test, abs=1e-4)
+
+
+@pytest.mark.parametrize("is_ctx", [True, False])
+def test_path_metrics_hit_rate_only_keeps_the_choice_and_the_kept_metrics(is_ctx):
+    """Ranking only what HR@100 needs for the λ not kept changes neither the choice nor any
+    reported figure of the kept λ (its metrics are computed in full)."""
+    train, val, w = low_rank_data(7, n=260, m=140)
+    ev = EvalSet(context=train, targets=val, weights=w,
+                 negatives=np.tile(np.arange(5), (train.shape[0], 1)))
+    grid = [0.0, 1.0, 5.0, 50.0]
+    full_model, full = fit_select(train, ev, grid, support_is_val_context=is_ctx)
+    fast_model, fast = fit_select(train, ev, grid, support_is_val_context=is_ctx,
+                                  path_metrics=("hr@100",))
+    assert fast_model.lam == full_model.lam
+    np.testing.assert_array_equal(fast_model.alpha, full_model.alpha)
+    for a, b in zip(fast, full):
+        assert a.val["hr@100"] == b.val["hr@100"]  # bit-identical: same top-100 sets
+        if a.lam == fast_model.lam:
+            assert a.val == b.val
+        else:
+            assert set(a.val) == {"hr@100"}
+
+
+def test_hit_rate_only_evaluation_equals_the_full_one_with_ties():
+    train, val, w = low_rank_data(8, n=90, m=150)  # m > 100: a real top-100 cut
+    ev = EvalSet(context=train, targets=val, weights=w)
+    x = train.toarray()
+    tied = np.random.default_rng(0).integers(0, 3, x.shape).astype(np.float32)
+    for scores in (x.copy(), tied):  # all unseen tied at 0; few distinct values
+        full = evaluate_score_batches([(0, scores[:50].copy()), (50, scores[50:].copy())], ev)
+        fast = evaluate_score_batches([(0, scores[:50].copy()), (50, scores[50:].copy())], ev,
+                                      metrics=["hr@100"])
+        assert fast == {"hr@100": full["hr@100"]}
