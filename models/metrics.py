@@ -26,6 +26,7 @@ METRIC_KEYS: tuple[str, ...] = ("hr@10", "ndcg@10", "hr@100", "ndcg@100", "psp@1
 KS: tuple[int, ...] = (10, 100)
 PSP_A = 0.55
 PSP_B = 1.5
+_PARTITION_ROWS = 128
 
 
 def propensity_weights(train_counts: np.ndarray, n_train: int) -> np.ndarray:
@@ -59,7 +60,11 @@ def top_k_unseen(
         s[nan] = -np.inf
     k = min(k, m)
     if k < m:
-        part = np.argpartition(s, m - k, axis=1)[:, m - k :]
+        # a few rows at a time: argpartition's index array is rows × m int64, and small ones are
+        # reused from the heap instead of being mapped (and page-faulted) afresh for every batch
+        part = np.empty((n, k), dtype=np.intp)
+        for r in range(0, n, _PARTITION_ROWS):
+            part[r : r + _PARTITION_ROWS] = np.argpartition(s[r : r + _PARTITION_ROWS], m - k, axis=1)[:, m - k :]
     else:
         part = np.broadcast_to(np.arange(m), (n, m)).copy()
     if not sort:
