@@ -62,6 +62,7 @@ from jax import lax
 
 from models.infinite_ae import SUMMARY_LAMBDAS, EvalSet, fit_select
 from models.kernels import NTKConfig
+from models.kernels import ntk_jax as ntk_fn  # the NTK, with gradients finite on the diagonal
 from models.samplers import random_user_indices, rows_of
 
 NOISE_KINDS = ("hash", "jax")
@@ -266,49 +267,6 @@ def naive_multi_gumbel(x_raw: jax.Array, seeds: jax.Array, tau: float,
         return jax.nn.softmax((x_raw + gumbel_noise(seed_pair, x_raw.shape, noise)) / tau, axis=-1)
 
     return jnp.sum(jax.vmap(one)(seeds), axis=0)
-
-
-# -- the NTK, with gradients that stay finite on the diagonal ----------------------------------
-@jax.custom_jvp
-def _safe_sqrt(x: jax.Array) -> jax.Array:
-    return jnp.sqrt(jnp.maximum(x, 0.0))
-
-
-@_safe_sqrt.defjvp
-def _safe_sqrt_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]
-                   ) -> tuple[jax.Array, jax.Array]:
-    # as neural-tangents' ``_sqrt``: zero tangent where the argument is (numerically) 0, i.e. for
-    # parallel rows (the kernel's diagonal), where d√x/dx is infinite but multiplies an exact 0
-    (x,), (t,) = primals, tangents
-    root = _safe_sqrt(x)
-    positive = x > 1e-30
-    return root, jnp.where(positive, t / (2.0 * jnp.where(positive, root, 1.0)), 0.0)
-
-
-def ntk_fn(dots: jax.Array, sq_x: jax.Array, sq_y: jax.Array, n_features: int,
-           config: NTKConfig = NTKConfig()) -> jax.Array:
-    """∞-AE's NTK from dot products and squared row norms (= ``models.kernels.ntk_from_dots``).
-
-    Written as neural-tangents writes its ReLU kernel, ``s·sin θ = √(q_x q_y − Σ²)`` and
-    ``θ = atan2(s·sin θ, Σ)``, so that gradients are finite where ``θ = 0`` (the diagonal of
-    ``k(X, X)``); ``arccos`` has an infinite derivative there.
-    """
-    w2 = config.w_std**2
-    b2 = config.b_std**2
-    sigma = dots * (w2 / n_features) + b2
-    q_x = sq_x * (w2 / n_features) + b2
-    q_y = sq_y * (w2 / n_features) + b2
-    theta_ntk = sigma
-    inv_2pi = 1.0 / (2.0 * math.pi)
-    for _ in range(config.depth):
-        root = _safe_sqrt(q_x[:, None] * q_y[None, :] - sigma * sigma)  # s · sin θ
-        pi_minus = math.pi - jnp.arctan2(root, sigma)
-        e_relu = (root + pi_minus * sigma) * inv_2pi  # s (sin θ + (π − θ) cos θ) / 2π
-        sigma = w2 * e_relu + b2
-        theta_ntk = sigma + w2 * theta_ntk * (pi_minus * inv_2pi)
-        q_x = w2 * q_x / 2.0 + b2
-        q_y = w2 * q_y / 2.0 + b2
-    return theta_ntk
 
 
 def cholesky_solve(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -19,7 +19,7 @@ Closed form, with σ_w, σ_b and d input features, for rows x, y:
 
     Σ = σ_w² (x·y)/d + σ_b²,  q_x = Σ(x,x),  Θ = Σ
     repeat depth times:
-        s = √(q_x q_y),  θ = arccos(clip(Σ/s, −1, 1))
+        s = √(q_x q_y),  θ = arccos(clip(Σ/s, −1, 1))   (computed as atan2(s·sin θ, Σ))
         Σ ← σ_w² s (sin θ + (π − θ) cos θ)/(2π) + σ_b²
         Θ ← Σ + σ_w² Θ (π − θ)/(2π)
         q ← σ_w² q/2 + σ_b²
@@ -132,9 +132,16 @@ def _ntk_from_dots(
     n_features: int,
     config: NTKConfig = NTKConfig(),
 ) -> Any:
-    """The recursion on JAX arrays (NumPy inputs reach it through :func:`_jitted_ntk`)."""
+    """The recursion on JAX arrays (NumPy inputs reach it through :func:`_jitted_ntk`).
+
+    Written as neural-tangents writes its ReLU kernel, ``s·sin θ = √(q_x q_y − Σ²)`` and
+    ``θ = atan2(s·sin θ, Σ)`` — the module docstring's recursion without its ``arccos``, whose
+    derivative is infinite where ``θ = 0`` (the diagonal of ``k(X, X)``): gradients stay finite,
+    which Distill-CF, differentiating through this kernel, needs.
+    """
     import jax.numpy as xp
 
+    safe_sqrt = _safe_sqrt()
     w2 = config.w_std**2
     b2 = config.b_std**2
     sigma = dots * (w2 / n_features) + b2
@@ -143,18 +150,40 @@ def _ntk_from_dots(
     theta_ntk = sigma
     inv_2pi = 1.0 / (2.0 * math.pi)
     for _ in range(config.depth):
-        s = xp.sqrt(q_x[:, None] * q_y[None, :])
-        cos_t = xp.clip(sigma / s, -1.0, 1.0)
-        theta = xp.arccos(cos_t)
-        sin_t = xp.sqrt(xp.maximum(1.0 - cos_t * cos_t, 0.0))
-        pi_minus = math.pi - theta
-        e_relu = s * (sin_t + pi_minus * cos_t) * inv_2pi
-        e_drelu = pi_minus * inv_2pi
+        root = safe_sqrt(q_x[:, None] * q_y[None, :] - sigma * sigma)  # s · sin θ
+        pi_minus = math.pi - xp.arctan2(root, sigma)
+        e_relu = (root + pi_minus * sigma) * inv_2pi  # s (sin θ + (π − θ) cos θ) / 2π
         sigma = w2 * e_relu + b2
-        theta_ntk = sigma + w2 * theta_ntk * e_drelu
+        theta_ntk = sigma + w2 * theta_ntk * (pi_minus * inv_2pi)
         q_x = w2 * q_x / 2.0 + b2
         q_y = w2 * q_y / 2.0 + b2
     return theta_ntk
+
+
+# the traceable recursion, for code that differentiates through the kernel (Distill-CF)
+ntk_jax = _ntk_from_dots
+
+
+@functools.lru_cache(maxsize=1)
+def _safe_sqrt() -> Callable[[Any], Any]:
+    """``√max(x, 0)`` with a zero tangent where ``x`` is (numerically) 0, as neural-tangents'
+    ``_sqrt``: for parallel rows d√x/dx is infinite but multiplies an exact 0. Built on first use,
+    so importing this module does not import JAX."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.custom_jvp
+    def safe_sqrt(x: Any) -> Any:
+        return jnp.sqrt(jnp.maximum(x, 0.0))
+
+    @safe_sqrt.defjvp
+    def safe_sqrt_jvp(primals: tuple[Any], tangents: tuple[Any]) -> tuple[Any, Any]:
+        (x,), (t,) = primals, tangents
+        root = safe_sqrt(x)
+        positive = x > 1e-30
+        return root, jnp.where(positive, t / (2.0 * jnp.where(positive, root, 1.0)), 0.0)
+
+    return safe_sqrt
 
 
 def ntk_kernel_fn(config: NTKConfig = NTKConfig()) -> KernelFn:
