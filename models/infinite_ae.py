@@ -104,15 +104,14 @@ class InfAE:
             raise ValueError(f"histories have {histories.shape[1]} items, the model has {self.n_items}")
         if sp.issparse(histories):
             h = sp.csr_matrix(histories, dtype=np.float32)
-            sq = np.asarray(h.multiply(h).sum(axis=1), dtype=np.float32).ravel()
             if h.nnz <= SPARSE_DOT_MAX_DENSITY * h.shape[0] * h.shape[1] and not _accelerated():
                 dots = np.asarray(h @ self._support_t)
             else:
-                dots = _matmul(_dense32(h), self._support_t)
+                dots = _matmul(_dense32(h), self.support.T)
         else:
             h = _dense32(histories)
-            dots = _matmul(h, self._support_t)
-            sq = row_sq_norms(h)
+            dots = _matmul(h, self.support.T)
+        sq = row_sq_norms(h)
         return ntk_from_dots(dots, sq, self._support_sq, self.n_items, self.config)
 
     @functools.cached_property
@@ -221,6 +220,12 @@ class SolveWorkspace:
     factor: np.ndarray | None = None
     spare: list[np.ndarray] = field(default_factory=list)
 
+    def factor_buffer(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """The buffer the factor is written to (made on first use, or for another shape)."""
+        if self.factor is None or self.factor.shape != tuple(shape) or self.factor.dtype != dtype:
+            self.factor = np.empty(shape, dtype=dtype)
+        return self.factor
+
     def take(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray | None:
         while self.spare:
             buf = self.spare.pop()
@@ -245,10 +250,9 @@ def _cholesky_solve(kernel: np.ndarray, targets: np.ndarray, lam_scaled: float,
     if workspace is None:
         return spd_solve(kernel, targets, shift=lam_scaled)
     dtype = np.result_type(kernel.dtype, np.float32)
-    if workspace.factor is None or workspace.factor.shape != kernel.shape or workspace.factor.dtype != dtype:
-        workspace.factor = np.empty(kernel.shape, dtype=dtype)
     out = workspace.take(targets.shape, dtype)
-    alpha = spd_solve(kernel, targets, shift=lam_scaled, a_work=workspace.factor, out=out)
+    alpha = spd_solve(kernel, targets, shift=lam_scaled,
+                      a_work=workspace.factor_buffer(kernel.shape, dtype), out=out)
     if alpha is None:
         workspace.give_back(out)
     return alpha

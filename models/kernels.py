@@ -84,13 +84,24 @@ def pad_rows(a: np.ndarray, multiple: int = ACCELERATOR_ROW_MULTIPLE) -> np.ndar
     return np.concatenate([a, np.zeros((extra,) + a.shape[1:], dtype=a.dtype)])
 
 
-def row_sq_norms(x: np.ndarray) -> np.ndarray:
-    """``Σ_j x_ij²`` per row of a dense NumPy array, in its dtype, without an n×m temporary.
+def row_sq_norms(x: Any) -> np.ndarray:
+    """``Σ_j x_ij²`` per row (float32) of a dense array or a SciPy sparse matrix, without an n×m
+    temporary.
 
     Every NumPy caller of :func:`ntk_from_dots` uses this one function, so a support's norms are
     bit-identical wherever they are computed (full scoring, blocked scoring, the fit).
     """
-    return np.einsum("ij,ij->i", x, x)
+    import scipy.sparse as sp
+
+    if not sp.issparse(x):
+        x = np.asarray(x, dtype=np.float32)
+        return np.einsum("ij,ij->i", x, x)
+    rows = sp.csr_matrix(x)
+    sq = np.zeros(rows.shape[0], dtype=np.float32)
+    nonempty = np.diff(rows.indptr) > 0
+    if rows.nnz:
+        sq[nonempty] = np.add.reduceat(rows.data * rows.data, rows.indptr[:-1][nonempty])
+    return sq
 
 
 def ntk_from_dots(

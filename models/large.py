@@ -77,19 +77,6 @@ def _as_rows(histories: Any) -> Any:
     return np.ascontiguousarray(histories, dtype=np.float32)
 
 
-def _row_sq(rows: Any) -> np.ndarray:
-    """Squared norm of each row (float32)."""
-    if sp.issparse(rows):
-        sq = np.zeros(rows.shape[0], dtype=np.float32)
-        counts = np.diff(rows.indptr)
-        nonempty = counts > 0
-        if rows.nnz:
-            sums = np.add.reduceat(rows.data * rows.data, rows.indptr[:-1][nonempty])
-            sq[nonempty] = sums
-        return sq
-    return row_sq_norms(np.asarray(rows, dtype=np.float32))  # as InfAE.cross_kernel computes it
-
-
 def _seen_mask(rows: Any) -> sp.csr_matrix:
     return rows if sp.issparse(rows) else sp.csr_matrix(rows)
 
@@ -146,7 +133,7 @@ class BlockedScorer:
         if rows.shape[1] != self.model.n_items:
             raise ValueError(f"histories have {rows.shape[1]} items, the model has {self.model.n_items}")
         spans = self._spans(rows.shape[0])
-        sq = _row_sq(rows)
+        sq = row_sq_norms(rows)
         if sp.issparse(rows):
             # CSR × dense is one single-threaded SciPy kernel (GIL released): one per chunk
             def chunk(a: int, b: int) -> np.ndarray:
@@ -283,7 +270,7 @@ def blocked_kernel_matrix(
         x_rows = np.ascontiguousarray(support, dtype=np.float32)
         x_t = np.ascontiguousarray(x_rows.T)
     n, m = x_rows.shape
-    sq = _row_sq(x_rows)
+    sq = row_sq_norms(x_rows)
     kernel = np.empty((n, n), dtype=np.float32)
     threads = default_threads() if threads is None else max(1, int(threads))
     pool = ThreadPoolExecutor(threads) if threads > 1 and sp.issparse(x_rows) else None

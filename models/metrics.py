@@ -116,9 +116,7 @@ class RankingAccumulator:
         ranked = ranked[keep]
         targets = targets[keep]
         p = p[keep].astype(np.float64)
-        # hits[u, i] = ranked[u, i] ∈ T_u ; read from the sparse target rows without densifying
-        rows = np.repeat(np.arange(ranked.shape[0]), ranked.shape[1])
-        hits = np.asarray(targets[rows, ranked.ravel()]).reshape(ranked.shape) > 0
+        hits = _hits(ranked, targets)
         discount = 1.0 / np.log2(np.arange(ranked.shape[1]) + 2.0)
         idcg_cum = np.cumsum(discount)
         # the largest weights among each user's targets, sorted descending, for the PSP ideal
@@ -153,10 +151,7 @@ class RankingAccumulator:
         targets = targets[keep]
         p = p[keep].astype(np.float64)
         for k, top in top_sets.items():
-            top = top[keep]
-            rows = np.repeat(np.arange(top.shape[0]), top.shape[1])
-            h = np.asarray(targets[rows, top.ravel()]).reshape(top.shape) > 0
-            hr = h.sum(axis=1) / np.minimum(p, k)
+            hr = _hits(top[keep], targets).sum(axis=1) / np.minimum(p, k)
             self.sums[f"hr@{k}"] = self.sums.get(f"hr@{k}", 0.0) + float(hr.sum())
         self.n_users += int(keep.sum())
 
@@ -176,6 +171,12 @@ class RankingAccumulator:
         if self.pos_scores:
             out["auc"] = pooled_auc(np.concatenate(self.pos_scores), np.concatenate(self.neg_scores))
         return {key: out[key] for key in METRIC_KEYS if key in out}
+
+
+def _hits(items: np.ndarray, targets: sp.csr_matrix) -> np.ndarray:
+    """``hits[u, i] = items[u, i] ∈ T_u``, read from the sparse target rows without densifying."""
+    rows = np.repeat(np.arange(items.shape[0]), items.shape[1])
+    return np.asarray(targets[rows, items.ravel()]).reshape(items.shape) > 0
 
 
 def _ideal_dcg(idcg_cum: np.ndarray, idx: np.ndarray) -> np.ndarray:

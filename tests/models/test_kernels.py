@@ -69,3 +69,17 @@ def test_pad_rows_appends_zero_rows_up_to_the_multiple():
     assert padded.shape == (4, 4) and np.array_equal(padded[:3], a) and not padded[3].any()
     assert pad_rows(padded, 4) is padded
     assert pad_rows(np.ones(5, np.float32), 4).shape == (8,)
+
+
+def test_row_sq_norms_sparse_equals_dense_with_empty_rows():
+    import scipy.sparse as sp
+
+    from models.kernels import row_sq_norms
+
+    x = np.random.default_rng(3).random((7, 9)).astype(np.float32)
+    x[x < 0.6] = 0.0
+    x[[0, 4]] = 0.0  # empty rows
+    dense = row_sq_norms(x)
+    assert dense.dtype == np.float32 and dense[0] == dense[4] == 0.0
+    np.testing.assert_allclose(row_sq_norms(sp.csr_matrix(x)), dense, rtol=1e-6)
+    np.testing.assert_allclose(row_sq_norms(x.astype(np.float64)), (x * x).sum(axis=1), rtol=1e-6)
