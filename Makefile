@@ -14,13 +14,17 @@ help:
 	@echo "make run    - create .venv if missing, run the pipeline on the embedded default data"
 	@echo "make test   - create .venv if missing, run the test suite"
 	@echo "make bench  - ML-1M benchmark of ∞-AE (needs ../shared/data)"
-	@echo "make server - Prefect server on 127.0.0.1:$${PORT:-4200} (foreground; then: infrec serve)"
+	@echo "make server - Prefect server + UI on 127.0.0.1:$${PORT:-4200} (foreground)"
 
-$(STAMP): requirements.lock pyproject.toml
+# infrec-venv-path.pth: every Python of the venv puts the venv's bin/ first on PATH for the
+# programs it starts, so `.venv/bin/mlflow models serve` finds uvicorn and `.venv/bin/dvc repro`
+# finds `infrec` without activating the venv.
+$(STAMP): requirements.lock pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -c 'import site, pathlib; pathlib.Path(site.getsitepackages()[0], "infrec-venv-path.pth").write_text("import os, sys; b = os.path.dirname(sys.executable); p = os.environ.get(\"PATH\", \"\"); os.environ[\"PATH\"] = p if b in p.split(os.pathsep) else b + os.pathsep + p\n")'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -41,4 +45,4 @@ lock: venv
 	$(PY) -m pip freeze --exclude-editable | grep -v '^infrec' > requirements.lock
 
 clean-state:
-	rm -rf .infrec
+	rm -rf .infrec mlflow.db

@@ -1,63 +1,83 @@
-"""The end-to-end pipeline: ingest → distill → fit → evaluate → register → gate/promote.
+"""The end-to-end pipeline: ingest → distill → fit → evaluate → version → register → promote.
 
-Each stage is a subflow (``flows/<stage>.py``); this module only wires them. ``params`` is parsed
-once at the entry point (``infrec run``) and resolved (absolute state dir, tracking URI).
+Wiring only: every step is a stage's task (``tasks/<stage>.py``), the same ``run(params)`` that
+``infrec <stage> --params`` and dvc.yaml's stage commands call. ``params`` is parsed once by the
+entry point and resolved (absolute paths). The whole body holds the writer lock of the state dir
+(:func:`tasks.concurrency.writer_lock`): runs, rollbacks and promotions never interleave.
+
+A rejected candidate ends the flow run ``Completed`` with a state message naming the failing
+gates and the tag ``rejected`` (``promoted`` or ``unchanged`` otherwise).
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from prefect import flow
 from prefect.runtime import flow_run
+from prefect.states import Completed
 
-from flows.distill import distill_flow
-from flows.evaluate import evaluate_flow
-from flows.fit import fit_flow
-from flows.ingest import ingest_flow
-from flows.promote import promote_flow
-from flows.version import version_flow
-from flows.register import register_flow
-from infrec.config import Params
-from tasks.concurrency import registry_slot
-from tasks.prefect_tasks import publish_report
+from tasks.concurrency import writer_lock
+from tasks.distill import distill_task
+from tasks.evaluate import evaluate_task
+from tasks.fit import fit_task
+from tasks.ingest import ingest_task
+from tasks.params import Params
+from tasks.promote import promote_task
+from tasks.recovery import recover, tag_flow_run
+from tasks.register import register_task
+from tasks.registry import git_commit
+from tasks.report import failing_gates, outcome, publish_report_task
+from tasks.runtime import flow_run_tag
+from tasks.version import version_task
 
 
-@flow(name="infrec-pipeline")
-def pipeline(params: Params, input_path: Optional[str] = None) -> dict[str, Any]:
-    run_id = str(flow_run.id or "local")
-    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}"
-    run_dir = str(Path(params.state_dir) / "runs" / stamp)
+@flow(name="infrec-pipeline", log_prints=False)
+def pipeline(params: Params):
+    flow_run_id = str(flow_run.id or "local")
+    tag_flow_run(flow_run_id, [flow_run_tag()])  # so that a crash is recognised at the next start
+    lineage: dict[str, Any] = {"flow_run_id": flow_run_id, "git_commit": git_commit()}
+    seconds: dict[str, float] = {}
 
-    # one pipeline at a time per state dir: every stage writes shared paths (processed data, the
-    # summary the version stage commits) and the champion is read during evaluate
-    with registry_slot(params.state_dir):
-        data = ingest_flow(params, input_path)
-        summary = distill_flow(params, data["data_dir"], run_dir)
-        versioned = version_flow(params, input_path, run_id)
-        if versioned is not None:
-            data = {**data, "dvc_data_version": versioned["version"],
-                    "dvc_hashes": versioned["hashes"]}
-        fitted = fit_flow(params, data["data_dir"], summary["summary_path"], run_dir)
-        evaluation = evaluate_flow(params, data["data_dir"])
-        registered = register_flow(params, run_dir, data, summary, fitted, evaluation, run_id)
-        promotion = promote_flow(params, registered, fitted, evaluation)
+    def timed(name: str, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        seconds[name] = round(time.perf_counter() - t0, 3)
+        return out
+
+    with writer_lock(params):
+        recover(params)
+        data = timed("ingest", ingest_task, params)
+        summary = timed("distill", distill_task, params)
+        fitted = timed("fit", fit_task, params)
+        evaluation = timed("evaluate", evaluate_task, params)
+        version = timed("version", version_task, params, {**lineage, "input": data["input"]})
+        lineage.update(input=data["input"], version=version, seconds=dict(seconds))
+        registered = timed("register", register_task, params, lineage)
+        promoted = timed("promote", promote_task, params, registered)
 
     result = {
         "model_name": registered["model_name"], "version": registered["version"],
-        "run_id": registered["run_id"], "flow_run_id": run_id, "run_dir": run_dir,
-        "data_version": data.get("dvc_data_version") or data["data_version"],
-        "summary_hash": summary["summary_hash"],
-        "fitted": {k: fitted[k] for k in ("lambda", "val", "test")}, "evaluation": evaluation,
-        **promotion,
+        "run_id": registered["run_id"], "flow_run_id": flow_run_id,
+        "data_version": version["version"] if version else data["data_version"],
+        "summary_hash": summary["summary_hash"], "metric": params.selection.metric,
+        "candidate": {k: fitted[k] for k in ("lambda", "val", "test")},
+        "evaluation": evaluation, "input": data["input"], "seconds": seconds,
+        "distill": summary["report"], **promoted,
     }
-    publish_report(result)
-    return result
+    publish_report_task(result)
+    state = outcome(result).lower()
+    tag_flow_run(flow_run_id, [state])
+    failing = failing_gates(result)
+    message = (f"{state}: {result['model_name']} v{result['version']}"
+               + (f"; failing gates: {', '.join(failing)}" if failing else ""))
+    return Completed(message=message, data=result)
 
 
-def run_pipeline(params: Params, input_path: Optional[str | Path] = None) -> dict[str, Any]:
-    """Entry for the CLI and tests: resolve the params once, run the flow, return its result."""
-    source = None if input_path is None else str(Path(input_path).resolve())
-    return pipeline(params.resolved(), source)
+def run_pipeline(params: Params) -> dict[str, Any]:
+    """Entry for the CLI and tests: run the flow on resolved params, return its result."""
+    return pipeline(params.resolved())
+
+
+__all__ = ["pipeline", "run_pipeline"]

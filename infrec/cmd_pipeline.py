@@ -1,8 +1,4 @@
-"""Pipeline commands: ``run``, ``recommend``, ``promote``, ``status``.
-
-Only typer and the standard library at module level: Prefect, MLflow and JAX are imported inside
-the commands, after :func:`infrec.config.runtime_environment` is applied.
-"""
+"""Pipeline commands: ``run``, ``recommend``, ``promote``, ``status``."""
 
 from __future__ import annotations
 
@@ -13,31 +9,18 @@ from typing import Any, Optional
 
 import typer
 
-PARAMS_HELP = "Parameters file (default: ./params.yaml if present, else built-in defaults)."
+from infrec.common import fail, guarded, load, locked, params_option, prefect_api
 
 
-def _cli():
-    from infrec import cli
-
-    return cli
-
-
-def _params(path: Optional[Path]):
-    """Parse params.yaml once, apply the runtime environment, return resolved params."""
-    from infrec.config import load_params, process_defaults, runtime_environment
-
-    os.environ.update(process_defaults())  # before anything imports NumPy
-    params = _cli()._run_guarded(load_params, path)
-    env = runtime_environment(params)
-    if "PREFECT_HOME" in env:  # Prefect creates only the leaf directory
-        Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
-    os.environ.update(env)
-    return params.resolved()
+def _metric_line(test: dict[str, float]) -> str:
+    keys = ("ndcg@10", "hr@10", "hr@100", "auc")
+    return ", ".join(f"{k} {test[k]:.4f}" if k == "auc" else f"{k} {test[k]:.2f}"
+                     for k in keys if k in test)
 
 
 def _quiet_input_errors() -> None:
-    """Bad input inside a flow: Prefect's console shows its log lines without the traceback (the
-    CLI prints the one-line error itself). The API log handlers run first and keep it."""
+    """Bad input inside a flow: Prefect's console shows its log line without the traceback (the
+    CLI prints the one-line error itself)."""
     import logging
 
     from tasks.errors import InputError
@@ -49,48 +32,87 @@ def _quiet_input_errors() -> None:
                 record.exc_info, record.exc_text = None, None
             return True
 
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler):
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
             handler.addFilter(_NoInputErrorTraceback())
 
 
-def _metric_line(test: dict[str, float]) -> str:
-    keys = ("ndcg@10", "hr@10", "hr@100", "auc")
-    return ", ".join(f"{k} {test[k]:.4f}" if k == "auc" else f"{k} {test[k]:.2f}"
-                     for k in keys if k in test)
+def sync_input(p, params_path: Optional[Path], input_path: Path):
+    """``--input F``: the run's ``ingest.input``. With versioning on and the workspace's own
+    params.yaml, F is also written there — DVC reads the ingest stage's params from that file, so
+    its record names the file that was read (as ``dvc exp run -S ingest.input=F`` would)."""
+    from tasks.params import set_in_file, with_overrides
+
+    p = guarded(with_overrides, p, {"ingest.input": str(input_path)}, "--input")
+    if not p.versioning.enabled:
+        return p
+    from tasks.version import workspace
+
+    root = guarded(workspace, p)
+    file = (params_path or Path("params.yaml")).resolve()
+    if file != (root / "params.yaml").resolve():
+        return p
+    spelled = os.path.relpath(input_path.resolve(), root)
+    if spelled.startswith(".."):
+        spelled = str(input_path.resolve())
+    if guarded(set_in_file, file, "ingest.input", spelled):
+        typer.echo(f"note: ingest.input set to {spelled} in {file.name} (DVC's record of the "
+                   "ingest stage reads it there)", err=True)
+    return p
 
 
 def run(
     input: Optional[Path] = typer.Option(
-        None, "--input", "-i", help="Interactions file (default: the embedded synthetic data set)."
-    ),
-    params: Optional[Path] = typer.Option(None, "--params", "-p", help=PARAMS_HELP),
+        None, "--input", "-i", help="Interactions file (ratings.dat, CSV/TSV, Parquet): the "
+        "run's ingest.input (default: ingest.input of the params, else the embedded data)."),
+    params: Optional[Path] = params_option(),
 ) -> None:
-    """Run the pipeline: ingest → distill → fit → evaluate → register → gate → promote."""
-    cli = _cli()
-    p = _params(params)
-    if input is not None and not input.is_file():
-        cli._fail(f"{input}: input file not found")
+    """Run the pipeline: ingest → distill → fit → evaluate → version → register → gates →
+    promote."""
+    p = load(params)
+    if input is not None:
+        if not input.is_file():
+            fail(f"{input}: input file not found")
+        p = sync_input(p, params, input)
+    from tasks.version import check
+
+    guarded(check, p)  # before any stage: versioning needs a matching workspace
     from flows.pipeline import run_pipeline
 
     _quiet_input_errors()
-    result = cli._run_guarded(run_pipeline, p, input)
-    verdict = result["verdict"]
+    with prefect_api(p):
+        result = guarded(run_pipeline, p)
+    _print_result(result)
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    name, verdict = result["model_name"], result.get("verdict")
     typer.echo("")
-    typer.echo(f"registered: {result['model_name']} version {result['version']} "
-               f"(MLflow run {result['run_id']}, data {result['data_version']}, "
-               f"summary {result['summary_hash']})")
-    typer.echo(f"candidate test: {_metric_line(result['fitted']['test'])}")
+    if result.get("unchanged"):
+        typer.echo(f"unchanged: data {result['data_version']}, summary, params and code equal "
+                   f"the champion's ({name} version {result['version']}); nothing registered")
+        return
+    typer.echo(f"registered: {name} version {result['version']} (MLflow run "
+               f"{result['run_id']}, data {result['data_version']}, summary "
+               f"{result['summary_hash']})")
+    typer.echo(f"candidate test: {_metric_line(result['candidate']['test'])}")
+    summary = result["evaluation"]["summary"]
+    if "random_users_test" in summary:
+        typer.echo(f"  vs {result['distill']['budget']} random users: "
+                   f"{result['metric']} {summary['random_users_test']:.2f}; fidelity "
+                   f"{summary['fidelity']:.3f}")
     outcome = "PROMOTED to champion" if result["promoted"] else "REJECTED (alias challenger)"
-    typer.echo(f"gates: {'PASS' if verdict['passed'] else 'FAIL'} → {outcome}")
+    typer.echo(f"gates ({result['metric']}): {'PASS' if verdict['passed'] else 'FAIL'} → {outcome}")
     for line in verdict["reasons"]:
         typer.echo(f"  {line}")
-    champion = result.get("champion")
-    if champion:
+    if result.get("champion"):
         extra = f", previous v{result['previous']}" if result.get("previous") else ""
-        typer.echo(f"champion: {result['model_name']} version {champion}{extra}")
+        typer.echo(f"champion: {name} version {result['champion']}{extra}")
     else:
         typer.echo("champion: none (no version has passed the gates yet)")
+    seconds = result.get("seconds") or {}
+    if seconds:
+        typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
 
 
 def _parse_history(text: str) -> list[int]:
@@ -99,104 +121,143 @@ def _parse_history(text: str) -> list[int]:
         if not token:
             continue
         try:
-            out.append(int(token))
+            value = int(token)
         except ValueError:
-            _cli()._fail(f"--history: expected comma-separated integer item ids, got {token!r}")
+            fail(f"--history: expected comma-separated integer item ids, got {token[:40]!r}")
+        if not -(2**63) <= value < 2**63:
+            fail(f"--history: item id {token[:40]} is out of the 64-bit integer range")
+        out.append(value)
+    if not out:
+        fail("--history: empty (give at least one item id)")
     return out
 
 
-def _user_history(p, raw_user: str) -> list[int]:
-    """All known interactions (train + val + test) of a user of the ingested data."""
+def _user_history(p, raw_user: str, version_tags: dict[str, str]) -> list[int]:
+    """All known interactions (train + val + test) of a user in the data the champion was
+    trained on (its data version, restored read-only from the DVC cache when it is not the
+    workspace's current data)."""
+    import tempfile
+
     import numpy as np
 
     from tasks.data import load_dataset
+    from tasks.errors import InputError
 
-    data_dir = Path(p.state_dir) / "data" / "processed"
-    dataset = load_dataset(data_dir)
     try:
         key = int(raw_user)
     except ValueError:
-        _cli()._fail(f"--user: expected an integer user id, got {raw_user!r}")
+        fail(f"--user: expected an integer user id, got {raw_user[:40]!r}")
+    data_hash, data_version = version_tags.get("data_hash"), version_tags.get("data_version")
+    current = p.paths().processed
+    dataset = None
+    try:
+        on_disk = load_dataset(current)
+        if on_disk.data_version == data_hash:
+            dataset = on_disk
+    except InputError:
+        pass
+    tmp = None
+    if dataset is None:
+        if not data_version:
+            fail(f"--user: the champion's data ({data_hash}) is not on disk and was not "
+                 "versioned; use --history")
+        from tasks.rollback import champion_history_dir
+
+        tmp = tempfile.TemporaryDirectory(prefix="infrec-history-")
+        dataset = load_dataset(guarded(champion_history_dir, p, data_version, Path(tmp.name)))
     rows = np.flatnonzero(dataset.user_ids == key)
     if rows.size == 0:
-        _cli()._fail(f"--user {raw_user}: not a user of the ingested data in {data_dir}")
+        fail(f"--user {raw_user}: not a user of the champion's data "
+             f"({data_version or data_hash})")
     row = int(rows[0])
     cols = np.union1d(np.union1d(dataset.train[row].indices, dataset.val[row].indices),
                       dataset.test[row].indices)
+    if tmp is not None:
+        tmp.cleanup()
     return [int(x) for x in dataset.item_ids[cols]]
 
 
 def recommend(
     history: Optional[str] = typer.Option(
-        None, "--history", help="Comma-separated raw item ids, e.g. 10,20,30."
-    ),
+        None, "--history", help="Comma-separated raw item ids, e.g. 10,20,30."),
     user: Optional[str] = typer.Option(
-        None, "--user", help="Raw id of a user of the ingested data (all their interactions)."
-    ),
-    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of items to recommend."),
-    model: str = typer.Option("champion", "--alias", help="Registry alias to load."),
+        None, "--user", help="Raw id of a user of the champion's data (all their interactions)."),
+    k: int = typer.Option(10, "-k", "--k", help="Number of items to recommend (1 … serving.max_k)."),
+    alias: str = typer.Option("champion", "--alias", help="Registry alias to load."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-    params: Optional[Path] = typer.Option(None, "--params", "-p", help=PARAMS_HELP),
+    params: Optional[Path] = params_option(),
 ) -> None:
     """Recommend top-k items with models:/<name>@champion for a history or a known user."""
-    cli = _cli()
     if (history is None) == (user is None):
-        cli._fail("give exactly one of --history or --user")
-    p = _params(params)
-    items = _parse_history(history) if history is not None else _user_history(p, user)
-    rec, version = cli._run_guarded(_recommend, p, items, k, model)
+        fail("give exactly one of --history or --user")
+    p = load(params)
+    if not 1 <= k <= p.serving.max_k:
+        fail(f"-k: must be between 1 and {p.serving.max_k} (serving.max_k), got {k}")
+    items = _parse_history(history) if history is not None else None
+    if items is not None and len(items) > p.serving.max_history:
+        fail(f"--history: {len(items)} ids; at most {p.serving.max_history} (serving.max_history)")
+    rec, version = guarded(_recommend, p, items, user, k, alias)
     if as_json:
-        typer.echo(json.dumps({"model": p.registry.model_name, "version": version,
-                               "history": items, **rec}))
+        typer.echo(json.dumps({"model": p.registry.model_name, "version": version, **rec}))
         return
     if rec["unknown"]:
-        typer.echo(f"note: ignored item ids unknown to the model: {', '.join(rec['unknown'])}",
+        shown = ", ".join(rec["unknown"][:20]) + (" …" if len(rec["unknown"]) > 20 else "")
+        typer.echo(f"note: ignored {len(rec['unknown'])} item id(s) unknown to the model: {shown}",
                    err=True)
-    typer.echo(f"# {p.registry.model_name} version {version} ({model}), top {k}")
+    typer.echo(f"# {p.registry.model_name} version {version} ({alias}), top {k}")
     typer.echo("rank\titem\tscore")
     for rank, (item, score) in enumerate(zip(rec["items"], rec["scores"]), start=1):
         typer.echo(f"{rank}\t{item}\t{score:.6f}")
 
 
-def _recommend(p, items: list[int], k: int, alias: str) -> tuple[dict[str, Any], str]:
-    import pandas as pd
-
+def _recommend(p, items: Optional[list[int]], user: Optional[str], k: int,
+               alias: str) -> tuple[dict[str, Any], str]:
     from tasks import registry
     from tasks.errors import InputError
+    from tasks.params import redact
+    from tasks.serving import InfAEPyfunc, RequestError, parse_rows
 
     uri, name = p.tracking_uri(), p.registry.model_name
     mv = registry.alias_version(uri, name, alias)
     if mv is None:
-        raise InputError(f"no {name}@{alias} in {uri} (run `infrec run` first)")
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    model = mlflow.pyfunc.load_model(f"models:/{name}/{mv.version}")
-    out = model.predict(pd.DataFrame({"history": [items], "k": [k]}))
-    row = out.iloc[0]
-    return {"items": [int(x) for x in row["items"]], "scores": [float(x) for x in row["scores"]],
-            "unknown": [str(x) for x in row["unknown"]]}, str(mv.version)
+        raise InputError(f"no {name}@{alias} in {redact(uri)} (run `infrec run` first)")
+    if items is None:
+        items = _user_history(p, user, dict(mv.tags or {}))
+    model, item_ids, info = registry.load_version_model(uri, f"models:/{name}/{mv.version}")
+    pyfunc = InfAEPyfunc()
+    pyfunc.model, pyfunc.item_ids, pyfunc.info = model, item_ids, info
+    pyfunc.index = {int(raw): col for col, raw in enumerate(item_ids.tolist())}
+    limits = p.serving.model_dump()
+    try:
+        histories, ks = parse_rows({"history": [items], "k": [k]}, limits)
+    except RequestError as exc:
+        raise InputError(str(exc)) from None
+    row = pyfunc.recommend(histories, ks)[0]
+    return {"history_size": len(items), **row}, str(mv.version)
 
 
 def promote(
-    version: str = typer.Argument(..., help="Model version to promote to champion."),
-    force: bool = typer.Option(
-        False, "--force", help="Promote even if the gates fail (needs --reason)."
-    ),
-    reason: Optional[str] = typer.Option(
-        None, "--reason", help="Why (recorded, with who, in tags of the version)."
-    ),
-    params: Optional[Path] = typer.Option(None, "--params", "-p", help=PARAMS_HELP),
+    version: str = typer.Argument(..., help="Model version to promote to champion (e.g. 3)."),
+    force: bool = typer.Option(False, "--force", help="Promote even if the gates fail "
+                               "(needs --reason)."),
+    reason: Optional[str] = typer.Option(None, "--reason", help="Why (recorded, with who, in "
+                                         "tags of the version)."),
+    wait: float = typer.Option(600, "--wait", help="Seconds to wait for the writer lock."),
+    params: Optional[Path] = params_option(),
 ) -> None:
-    """Re-check the gates for VERSION and move the champion alias to it if they pass."""
-    cli = _cli()
+    """Re-check the gates of VERSION against the champion now; move the champion alias to it if
+    they pass (or with --force --reason)."""
     if force and not (reason and reason.strip()):
-        cli._fail("--force needs --reason (it is recorded with who forced the promotion)")
-    p = _params(params)
-    result = cli._run_guarded(_promote, p, version.strip().lstrip("v"), force, reason)
-    verdict = result["verdict"]
-    for line in verdict.reasons:
+        fail("--force needs --reason (it is recorded with who forced the promotion)")
+    p = load(params)
+    from tasks.promote import promote_version
+
+    target = version.strip().lstrip("v")
+    if not target.isdigit():
+        fail(f"VERSION: expected a model version number, got {version[:40]!r}")
+    with locked(p, wait):
+        result = guarded(promote_version, p, target, force, reason)
+    for line in result["verdict"].reasons:
         typer.echo(f"  {line}")
     name = p.registry.model_name
     if result["promoted"]:
@@ -210,56 +271,28 @@ def promote(
     raise typer.Exit(code=1)
 
 
-def _promote(p, version: str, force: bool, reason: Optional[str]) -> dict[str, Any]:
-    import getpass
-
-    from tasks import registry
-    from tasks.errors import InputError
-    from tasks.gates import GateThresholds, decide_gates
-
-    uri, name = p.tracking_uri(), p.registry.model_name
-    champ = registry.alias_version(uri, name, registry.CHAMPION)
-    if champ is not None and str(champ.version) == version:
-        raise InputError(f"{name} version {version} is already the champion")
-    thresholds = GateThresholds.from_params(p.gates)
-    inputs = registry.recheck_gate_inputs(uri, name, version, thresholds.metric)
-    verdict = decide_gates(inputs, thresholds)
-    if not verdict.passed and not force:
-        return {"verdict": verdict, "promoted": False,
-                "champion": str(champ.version) if champ is not None else None}
-    who = None
-    if not verdict.passed:
-        try:
-            who = getpass.getuser()
-        except Exception:  # noqa: BLE001 - no user name in this environment
-            who = "unknown"
-    moved = registry.apply_verdict(uri, name, version, passed=verdict.passed,
-                                   reasons=verdict.reasons, forced_by=who, force_reason=reason)
-    return {"verdict": verdict, "forced_by": who, **moved}
-
-
 def _dvc_remote() -> Optional[str]:
-    """The default DVC remote's URL from ``.dvc/config`` (None when DVC is not set up)."""
+    """The default DVC remote's URL (credentials redacted; None when DVC is not set up)."""
     import configparser
 
+    from tasks.params import redact
+
     cfg = configparser.ConfigParser()
-    read = cfg.read([".dvc/config", ".dvc/config.local"])
-    if not read:
+    if not cfg.read([".dvc/config", ".dvc/config.local"]):
         return None
     name = cfg.get("core", "remote", fallback=None)
     if not name:
         return None
-    return cfg.get(f"'remote \"{name}\"'", "url", fallback=name)
+    return redact(cfg.get(f"'remote \"{name}\"'", "url", fallback=name))
 
 
 def status(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    params: Optional[Path] = typer.Option(None, "--params", "-p", help=PARAMS_HELP),
+    params: Optional[Path] = params_option(),
 ) -> None:
     """Where the state lives, the champion, and the last run with its gate verdict."""
-    cli = _cli()
-    p = _params(params)
-    info = cli._run_guarded(_status, p)
+    p = load(params)
+    info = guarded(_status, p)
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
@@ -268,66 +301,74 @@ def status(
     typer.echo(f"Prefect API:      {info['prefect_api']}")
     typer.echo(f"DVC remote:       {info['dvc_remote'] or 'none'}")
     champ = info["champion"]
-    if champ:
+    if champ and champ.get("error"):
+        typer.echo(f"champion:         {info['model_name']} version {champ['version']} — "
+                   f"UNUSABLE: {champ['error']}")
+    elif champ:
         typer.echo(f"champion:         {info['model_name']} version {champ['version']} "
                    f"(data {champ['data_version']}; test {_metric_line(champ['test'])})")
     else:
         typer.echo("champion:         none")
     last = info["last_run"]
     if last:
-        outcome = "promoted" if last["promoted"] else "not promoted"
-        typer.echo(f"last run:         version {last['version']} {outcome} "
-                   f"(MLflow run {last['run_id']})")
+        typer.echo(f"last version:     {last['version']} {last['outcome']} (data "
+                   f"{last['data_version']}, MLflow run {last['run_id']})")
         for line in last["reasons"]:
             typer.echo(f"  {line}")
     else:
-        typer.echo("last run:         none")
-
-
-def _prefect_api() -> str:
-    url = os.environ.get("PREFECT_API_URL")
-    if not url:
-        from prefect.settings import get_current_settings
-
-        url = get_current_settings().api.url
-    if url:
-        return str(url)
-    return f"ephemeral (local, PREFECT_HOME={os.environ.get('PREFECT_HOME', '~/.prefect')})"
+        typer.echo("last version:     none")
 
 
 def _status(p) -> dict[str, Any]:
     from tasks import registry
+    from tasks.params import redact
 
     uri, name = p.tracking_uri(), p.registry.model_name
     champion = None
     mv = registry.alias_version(uri, name, registry.CHAMPION)
     if mv is not None:
-        s = registry.version_summary(uri, name, str(mv.version))
+        s = registry.version_info(uri, name, str(mv.version))
         champion = {"version": s["version"], "data_version": s["data_version"],
-                    "test": s.get("test", {}), "val": s.get("val", {}), "run_id": s["run_id"]}
+                    "test": s["test"], "val": s["val"], "run_id": s["run_id"]}
+        try:
+            registry.load_version_model(uri, f"models:/{name}/{mv.version}")
+        except Exception as exc:  # noqa: BLE001 - InputError: the champion cannot be loaded
+            champion["error"] = str(exc)
     last_run = None
     latest = registry.latest_version(uri, name)
     if latest is not None:
-        s = registry.version_summary(uri, name, latest)
+        s = registry.version_info(uri, name, latest)
         tags = s["tags"]
         reasons = tags.get("gate.reasons")
-        recorded = bool(reasons) and reasons != "-"
-        reasons = reasons.splitlines() if recorded else ["no gate verdict recorded"]
-        last_run = {
-            "version": latest, "run_id": s["run_id"], "data_version": s["data_version"],
-            "promoted": tags.get("promoted") == "true",
-            "gate_passed": tags.get("gate.passed") == "true", "reasons": reasons,
-            "aliases": s["aliases"], "test": s.get("test", {}),
-        }
-    return {
-        "state_dir": p.state_dir, "tracking_uri": uri, "model_name": name,
-        "prefect_api": _prefect_api(), "dvc_remote": _dvc_remote(),
-        "champion": champion, "last_run": last_run,
-    }
+        decided = bool(reasons) and reasons != "-"
+        state = tags.get(registry.STATE_TAG)
+        aliases = s["aliases"]
+        outcome = ("champion" if registry.CHAMPION in aliases else
+                   "incomplete (its run was interrupted)" if state == registry.INCOMPLETE else
+                   "rejected" if tags.get("gate.passed") == "false" else
+                   "passed, not champion" if tags.get("gate.passed") == "true" else "undecided")
+        last_run = {"version": latest, "run_id": s["run_id"], "data_version": s["data_version"],
+                    "outcome": outcome, "promoted": registry.CHAMPION in aliases,
+                    "gate_passed": tags.get("gate.passed") == "true",
+                    "reasons": reasons.splitlines() if decided else ["no gate verdict recorded"],
+                    "aliases": aliases, "test": s["test"]}
+    return {"state_dir": str(p.state_path()), "tracking_uri": redact(uri), "model_name": name,
+            "prefect_api": _prefect_api(p), "dvc_remote": _dvc_remote(), "champion": champion,
+            "last_run": last_run}
+
+
+def _prefect_api(p) -> str:
+    from infrec.common import DEFAULT_PREFECT_PORT, api_url, configured_api_url, is_healthy
+
+    url = configured_api_url()
+    if url:
+        return url
+    local = api_url(DEFAULT_PREFECT_PORT)
+    if is_healthy(local, timeout=0.5):
+        return f"{local} (infrec server)"
+    return f"none running (runs start a temporary server; history in {p.state_path()}/prefect)"
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(run)
-    app.command()(recommend)
-    app.command()(promote)
-    app.command()(status)
+    for fn in (run, recommend, promote, status):
+        app.command()(fn)

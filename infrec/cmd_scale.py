@@ -6,7 +6,7 @@
   ``--budgets 50,100 [--seeds 0,1,2] [--sampler random]`` a summary sweep instead. Prints one JSON
   object (best point, every point).
 * ``infrec mlflow-server [--port 5000]`` — ``mlflow server --host 127.0.0.1 --port P
-  --backend-store-uri sqlite:///<state_dir>/mlflow.db`` with artifacts proxied to
+  --backend-store-uri sqlite:///mlflow.db`` (the pipeline's default database) with artifacts proxied to
   ``<state_dir>/mlartifacts`` (``--artifacts-destination``; ``s3://…`` etc. by option), or
   written by clients to ``--default-artifact-root``. ``--backend-store-uri postgresql://…`` for
   Postgres. Foreground. Clients: ``MLFLOW_TRACKING_URI=http://127.0.0.1:5000``.
@@ -26,7 +26,7 @@ from typing import Optional
 
 import typer
 
-from infrec.cmd_pipeline import PARAMS_HELP, _cli, _params
+from infrec.common import PARAMS_HELP, fail, guarded, load
 
 
 def _parse_ints(text: Optional[str], option: str) -> Optional[list[int]]:
@@ -35,9 +35,21 @@ def _parse_ints(text: Optional[str], option: str) -> Optional[list[int]]:
     try:
         values = [int(v) for v in text.replace(" ", ",").split(",") if v.strip()]
     except ValueError:
-        _cli()._fail(f"{option}: expected comma-separated integers, got {text!r}")
+        fail(f"{option}: expected comma-separated integers, got {text!r}")
     if not values:
-        _cli()._fail(f"{option}: expected comma-separated integers, got {text!r}")
+        fail(f"{option}: expected comma-separated integers, got {text!r}")
+    return values
+
+
+def _parse_floats(text: Optional[str], option: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        fail(f"{option}: expected comma-separated numbers, got {text[:60]!r}")
+    if not values or any(not (v >= 0) or v == float("inf") for v in values):
+        fail(f"{option}: expected finite non-negative numbers, got {text[:60]!r}")
     return values
 
 
@@ -61,7 +73,8 @@ def sweep(
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Summary sweep: directory for the summaries "
         "(default <state_dir>/sweeps/<time>)."),
-    metric: str = typer.Option("hr@100", help="Validation metric that picks the best point."),
+    metric: Optional[str] = typer.Option(None, help="Validation metric that picks the best point "
+                                         "(default: selection.metric)."),
     address: Optional[str] = typer.Option(
         None, "--address", help="An existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: a "
         "local cluster)."),
@@ -74,32 +87,35 @@ def sweep(
     """Sweep the λ grid (or summary budgets × seeds) as Prefect tasks on a Dask cluster."""
     from models.metrics import METRIC_KEYS
 
-    cli = _cli()
-    p = _params(params)
+    p = load(params)
     if not (data / "manifest.json").is_file():
-        cli._fail(f"{data}: not a data directory (run `infrec ingest` first)")
+        fail(f"{data}: not a data directory (run `infrec ingest` first)")
+    metric = metric or p.selection.metric
     if metric not in METRIC_KEYS:
-        cli._fail(f"--metric: unknown metric {metric!r} (one of {', '.join(METRIC_KEYS)})")
+        fail(f"--metric: unknown metric {metric!r} (one of {', '.join(METRIC_KEYS)})")
     if support is not None and not support.is_file():
-        cli._fail(f"{support}: summary file not found")
+        fail(f"{support}: summary file not found")
     if budgets is not None:
         from flows.sweep import run_summary_sweep
 
         d = p.distill
         chosen = sampler or d.sampler
-        options = {"steps": d.steps, "samples": d.samples, "tau": d.tau, **d.options}
-        out_dir = out or Path(p.state_dir) / "sweeps" / time.strftime("%Y%m%d-%H%M%S")
-        result = cli._run_guarded(
+        options = {"steps": d.steps, "samples": d.samples, "tau": d.tau, "lr": d.lr,
+                   "reg": d.reg, "patience": d.patience, "eval_every": d.eval_every,
+                   "target_batch": d.target_batch, "lambdas": tuple(p.fit.summary_lambdas),
+                   "select_metric": metric, "depth": depth or p.fit.depth}
+        out_dir = out or p.state_path() / "sweeps" / time.strftime("%Y%m%d-%H%M%S")
+        result = guarded(
             run_summary_sweep, data, out_dir, chosen, _parse_ints(budgets, "--budgets"),
             _parse_ints(seeds, "--seeds"), address=address, workers=workers,
             processes=processes, options=options, select_metric=metric)
     else:
         from flows.sweep import run_lambda_sweep
 
-        grid = cli._parse_floats(lambdas, "--lambdas")
+        grid = _parse_floats(lambdas, "--lambdas")
         if grid is None:
             grid = p.fit.summary_lambdas if support is not None else p.fit.lambdas
-        result = cli._run_guarded(
+        result = guarded(
             run_lambda_sweep, data, grid, address=address, workers=workers, processes=processes,
             depth=depth or p.fit.depth, support_path=str(support.resolve()) if support else None,
             user_support=user_support, seed=seed, batch_size=p.fit.batch_size,
@@ -129,8 +145,8 @@ def mlflow_server(
                              "other machines bind a private address (private IPs are allowed "
                              "hosts; others via MLFLOW_SERVER_ALLOWED_HOSTS)."),
     backend_store_uri: Optional[str] = typer.Option(
-        None, "--backend-store-uri", help="Tracking + registry DB (default sqlite:///"
-        "<state_dir>/mlflow.db; e.g. postgresql://user:pw@db/mlflow)."),
+        None, "--backend-store-uri", help="Tracking + registry DB (default: the pipeline's, "
+        "sqlite:///mlflow.db in the workspace; e.g. postgresql://user:pw@db/mlflow)."),
     artifacts_destination: Optional[str] = typer.Option(
         None, "--artifacts-destination", help="Where the server stores the artifacts it proxies "
         "(default <state_dir>/mlartifacts; e.g. s3://bucket/mlflow)."),
@@ -141,14 +157,14 @@ def mlflow_server(
     params: Optional[Path] = typer.Option(None, "--params", "-p", help=PARAMS_HELP),
 ) -> None:
     """Start an MLflow tracking server (SQLite on loopback by default; foreground)."""
-    from infrec.config import load_params
+    from tasks.params import load_params
 
-    p = _cli()._run_guarded(load_params, params).resolved()
-    state = Path(p.state_dir)
+    p = guarded(load_params, params)
+    state = p.state_path()
     if backend_store_uri is None:
         uri = p.tracking_uri()
         backend_store_uri = uri if not uri.startswith(("http://", "https://")) else \
-            f"sqlite:///{state / 'mlflow.db'}"
+            f"sqlite:///{p.workspace_path() / 'mlflow.db'}"
     if backend_store_uri.startswith("sqlite:///"):
         Path(backend_store_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     if default_artifact_root is None and artifacts_destination is None:

@@ -1,4 +1,4 @@
-"""Data-version commands: ``versions``, ``rollback``, ``lineage``. Light imports at module level."""
+"""Data-version commands: ``versions``, ``rollback``, ``lineage``."""
 
 from __future__ import annotations
 
@@ -8,56 +8,70 @@ from typing import Optional
 
 import typer
 
-from infrec.cmd_pipeline import PARAMS_HELP, _cli, _params
+from infrec.common import fail, guarded, load, locked, params_option
 
 
 def versions(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list, oldest first."),
-    params: Optional[Path] = typer.Option(None, "--params", "-p", help=PARAMS_HELP),
+    params: Optional[Path] = params_option(),
 ) -> None:
-    """List data versions: id, created, DVC hashes, size, model versions trained on each, champion."""
+    """List data versions: id, created, input file, DVC hashes, size, and the model versions
+    trained on each with their gate verdicts (* = champion)."""
+    import warnings
+
     from tasks.rollback import versions_table
 
-    p = _params(params)
-    rows = _cli()._run_guarded(versions_table, p.versioning.workspace, p.tracking_uri(),
-                               p.registry.model_name)
+    p = load(params)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = guarded(versions_table, p)
+    for w in caught:
+        typer.echo(f"warning: {w.message}", err=True)
     if as_json:
-        typer.echo(json.dumps([{k: v for k, v in r.items() if k != "info"} for r in rows], indent=2))
+        typer.echo(json.dumps([{k: v for k, v in r.items() if k != "info"} for r in rows],
+                              indent=2))
         return
     if not rows:
-        typer.echo("no data versions yet (enable versioning in params.yaml and run `infrec run`)")
+        typer.echo("no data versions yet (versioning.enabled: true, then `infrec run`)")
         return
     for r in rows:
         models = ", ".join(
             f"v{m['version']}{'*' if m['champion'] else ''}"
             f"({'pass' if m['gate_passed'] == 'true' else 'fail' if m['gate_passed'] else '?'})"
             for m in r["model_versions"]) or "-"
-        hashes = " ".join(f"{Path(k).name}={v[:8]}" for k, v in r["hashes"].items())
-        typer.echo(f"{r['version']:>4}  {r['created']}  {r['size'] / 1e6:7.2f} MB  {hashes}  "
-                   f"models: {models}")
+        source = (r.get("input") or {}).get("name") or "-"
+        sha = ((r.get("input") or {}).get("sha256") or "")[:8]
+        hashes = " ".join(f"{Path(k).name}={(v or '')[:8]}" for k, v in r["hashes"].items())
+        typer.echo(f"{r['version']:>4}  {r['created']}  input {source} {sha}  "
+                   f"{r['size'] / 1e6:7.2f} MB  {hashes}  models: {models}")
     typer.echo("(* = champion)")
 
 
 def rollback(
-    version: str = typer.Argument(..., help="Data version to restore, e.g. v1 (see `infrec versions`)."),
-    reason: Optional[str] = typer.Option(None, "--reason", help="Why (recorded in the registry)."),
-    params: Optional[Path] = typer.Option(None, "--params", "-p", help=PARAMS_HELP),
+    version: str = typer.Argument(..., help="Data version to restore, e.g. v1 "
+                                  "(see `infrec versions`)."),
+    reason: Optional[str] = typer.Option(None, "--reason", help="Why (recorded in the registry "
+                                         "and in <state_dir>/version_log.jsonl)."),
+    force: bool = typer.Option(False, "--force", help="When no gate-passed model was trained on "
+                               "that data and the refitted one fails its gates: promote it "
+                               "anyway (needs --reason)."),
+    wait: float = typer.Option(600, "--wait", help="Seconds to wait for the writer lock (a "
+                               "running pipeline holds it)."),
+    params: Optional[Path] = params_option(),
 ) -> None:
-    """Restore a data version's processed data and summary and make its model the champion.
-
-    Refits ∞-AE on the restored data when no model version was trained on it. All or nothing:
-    if any step fails (remote unreachable, registry error), the workspace and the
-    registry are left as they were.
-    """
+    """Restore a data version (input snapshot, processed data, summary, model, reports,
+    dvc.lock), verified against its recorded hashes, and make a gate-passed model trained on it
+    the champion — all or nothing."""
     from tasks.rollback import rollback as do_rollback
 
-    p = _params(params)
-    event = _cli()._run_guarded(do_rollback, p.versioning.workspace, version, p.tracking_uri(),
-                                p.registry.model_name, p.state_dir, reason,
-                                experiment=p.registry.experiment, depth=p.fit.depth,
-                                lambdas=list(p.fit.summary_lambdas))
-    refit = " (refitted: no model version was trained on it)" if event["refitted"] else ""
-    typer.echo(f"rolled back to data {event['data_version']}{refit}: champion is now "
+    if force and not (reason and reason.strip()):
+        fail("--force needs --reason (it is recorded with who forced the rollback)")
+    p = load(params)
+    with locked(p, wait):
+        event = guarded(do_rollback, p, version, reason, force=force)
+    refit = " (refitted: no gate-passed model was trained on it)" if event["refitted"] else ""
+    forced = " FORCED" if event["forced"] else ""
+    typer.echo(f"rolled back to data {event['data_version']}{refit}{forced}: champion is now "
                f"{p.registry.model_name} version {event['champion']} "
                f"(was {event['from_champion'] or 'none'})")
 
@@ -65,18 +79,17 @@ def rollback(
 def lineage(
     model_uri: Optional[str] = typer.Argument(
         None, help="models:/NAME@ALIAS or models:/NAME/VERSION (default: the champion)."),
-    params: Optional[Path] = typer.Option(None, "--params", "-p", help=PARAMS_HELP),
+    params: Optional[Path] = params_option(),
 ) -> None:
-    """Print a model version's lineage: data version, DVC hashes, git commit, params hash, flow run."""
+    """A model version's lineage: input file hash, data version, summary hash, params hash, code
+    commit, Prefect flow run, MLflow run, aliases and gate verdict."""
     from tasks.rollback import lineage as get_lineage
 
-    p = _params(params)
+    p = load(params)
     uri = model_uri or f"models:/{p.registry.model_name}@champion"
-    info = _cli()._run_guarded(get_lineage, p.tracking_uri(), uri)
-    typer.echo(json.dumps(info, indent=2))
+    typer.echo(json.dumps(guarded(get_lineage, p, uri), indent=2))
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(versions)
-    app.command()(rollback)
-    app.command()(lineage)
+    for fn in (versions, rollback, lineage):
+        app.command()(fn)

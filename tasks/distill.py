@@ -1,76 +1,69 @@
-"""Distill a processed data directory into a small summary file (Distill-CF or a sampler baseline).
+"""Distill stage: processed data → a small data summary (Distill-CF, or a sampler baseline).
 
-``distill_dataset(data_dir, out_path, sampler=..., budget=...)`` loads the data
-(:func:`tasks.data.load_dataset`), builds the summary with :mod:`models.distill_cf` or
-:mod:`models.samplers`, validates ∞-AE on it (λ grid, validation HR@100), writes it with
-:func:`tasks.summary.write_summary` and, for Distill-CF, a JSON-lines log of every step
-(``step, loss, seconds, lambda`` and, at evaluated steps, ``val_hr@100, val_ndcg@10``).
+``run(params)`` reads ``<state_dir>/data/processed`` and writes
+
+* ``<state_dir>/data/summary.parquet`` — the summary (:mod:`tasks.summary` format);
+* ``<state_dir>/data/distill_log.jsonl`` — every step, with timings (not versioned);
+* ``<reports_dir>/distill_curve.csv`` — step, loss and the evaluated validation metrics (the
+  ``dvc plots`` data; deterministic, no timings);
+* ``<reports_dir>/distill.json`` — the summary's best step, λ and validation metrics beside the
+  same ∞-AE fitted on ``budget`` random real users (same seed, same selection metric) and on the
+  initial users Distill-CF started from: a summary is never reported without its baseline.
+
+The budget is capped at the number of users with train interactions (logged, and reported as
+``budget`` beside ``budget_requested``). Entry points: :func:`distill_task` and
+``infrec distill --params params.yaml`` — both call ``run``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
+from prefect import task
 
 from tasks.errors import InputError
+from tasks.io import content_hash, write_json, write_text
+from tasks.params import Params
+from tasks.runtime import fault_point, say, task_options
 
 SAMPLERS = ("distill-cf", "random", "head")
-_KERNEL_OPTIONS = ("depth", "w_std", "b_std")
-
-
-def default_log_path(out_path: str | Path) -> Path:
-    """``summary.parquet`` → ``summary.log.jsonl``."""
-    return Path(out_path).with_suffix(".log.jsonl")
+CURVE_COLUMNS = ("step", "loss", "lambda")
 
 
 def make_config(budget: int = 500, seed: int = 0, steps: int = 500, samples: int = 200,
                 tau: float = 10.0, **options: Any) -> Any:
-    """A :class:`models.distill_cf.DistillConfig`; unknown or invalid options raise InputError."""
+    """A :class:`models.distill_cf.DistillConfig`; unknown or invalid options raise InputError.
+
+    ``options``: further DistillConfig fields (``lr``, ``reg``, ``patience``, ``eval_every``,
+    ``lambdas``, ``select_metric``, ``target_batch``, ``noise``) or ``depth`` (the NTK's).
+    """
     from models.distill_cf import DistillConfig
     from models.kernels import NTKConfig
 
     known = {f.name for f in dataclasses.fields(DistillConfig)} - {"kernel"}
-    kernel_options = {k: options.pop(k) for k in list(options) if k in _KERNEL_OPTIONS}
+    depth = options.pop("depth", 1)
     unknown = sorted(set(options) - known)
     if unknown:
         raise InputError(f"unknown distill option(s): {', '.join(unknown)} "
-                         f"(known: {', '.join(sorted(known | set(_KERNEL_OPTIONS)))})")
+                         f"(known: {', '.join(sorted(known | {'depth'}))})")
     for key in ("eval_steps", "lambdas"):
-        if key in options and options[key] is not None:
+        if options.get(key) is not None:
             options[key] = tuple(options[key])
     try:
         return DistillConfig(budget=int(budget), seed=int(seed), max_steps=int(steps),
                              samples=int(samples), tau=float(tau),
-                             kernel=NTKConfig(**kernel_options), **options)
+                             kernel=NTKConfig(depth=int(depth)), **options)
     except (TypeError, ValueError) as exc:
         raise InputError(f"invalid distill configuration: {exc}") from exc
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
-
-
-def _stderr_progress(total: int) -> Callable[[dict[str, Any]], None]:
-    """A one-line progress report on stderr, rewritten in place."""
-    start = time.perf_counter()
-
-    def report(info: dict[str, Any]) -> None:
-        step = info["step"]
-        hr = info.get("last_val_hr@100")
-        loss = info.get("loss")
-        elapsed = time.perf_counter() - start
-        eta = elapsed / step * (total - step) if step else float("nan")
-        sys.stderr.write(f"\rstep {step}/{total}  loss {loss if loss is None else f'{loss:.4f}'}  "
-                         f"val HR@100 {hr if hr is None else f'{hr:.2f}'}  ETA {eta:5.0f}s ")
-        sys.stderr.flush()
-
-    return report
 
 
 def distill_dataset(
@@ -84,17 +77,17 @@ def distill_dataset(
     samples: int = 200,
     tau: float = 10.0,
     log_path: str | Path | None = None,
-    progress: bool = True,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    dataset: Any = None,
     **config: Any,
 ) -> dict[str, Any]:
     """Write the summary of ``data_dir`` to ``out_path``; return a small report.
 
     ``sampler``: ``distill-cf`` (learned), ``random`` or ``head`` (most active users). Further
-    keywords are :class:`models.distill_cf.DistillConfig` fields (``lr``, ``reg``, ``patience``,
-    ``eval_every``, ``lambdas``, ``target_batch``, ``noise``) or kernel options (``depth``).
-    ``on_step(info)`` is called after every step; ``progress`` prints a stderr line instead
-    when no ``on_step`` is given. Bad inputs raise :class:`InputError`.
+    keywords: see :func:`make_config`. ``on_step(info)`` is called after every Distill-CF step;
+    ``log_path`` receives one JSON line per step. A budget above the number of users with train
+    interactions is capped (``report["budget"]`` is the budget used). Bad inputs raise
+    :class:`InputError`.
     """
     from models.infinite_ae import fit_select
     from models.samplers import head_user_indices, random_user_indices, rows_of
@@ -103,57 +96,61 @@ def distill_dataset(
 
     if sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r} (one of {', '.join(SAMPLERS)})")
-    cfg = make_config(budget=budget, seed=seed, steps=steps, samples=samples, tau=tau, **config)
-    out_path = Path(out_path)
-    dataset = load_dataset(data_dir)
+    dataset = dataset if dataset is not None else load_dataset(data_dir)
     n_active = int((np.diff(dataset.train.indptr) > 0).sum())
-    if cfg.budget > n_active:
-        raise InputError(f"--budget {cfg.budget} exceeds the {n_active} users with train "
-                         f"interactions in {dataset.path}")
+    if n_active < 1:
+        raise InputError(f"{dataset.path}: no user has train interactions")
+    requested = int(budget)
+    cfg = make_config(budget=min(requested, n_active), seed=seed, steps=steps, samples=samples,
+                      tau=tau, **config)
+    out_path = Path(out_path)
     val = dataset.val_set()
     started = time.perf_counter()
     meta: dict[str, Any] = {
-        "sampler": sampler, "budget": cfg.budget, "seed": cfg.seed,
-        "source": {"data_dir": str(dataset.path), "data_version": dataset.data_version,
-                   "n_users": dataset.n_users, "n_items": dataset.n_items},
+        "sampler": sampler, "budget": cfg.budget, "budget_requested": requested, "seed": cfg.seed,
+        "source": {"data_version": dataset.data_version, "n_users": dataset.n_users,
+                   "n_items": dataset.n_items},
     }
-    report: dict[str, Any] = {"path": str(out_path), "sampler": sampler, "budget": cfg.budget,
-                              "seed": cfg.seed}
+    report: dict[str, Any] = {"sampler": sampler, "budget": cfg.budget,
+                              "budget_requested": requested, "seed": cfg.seed,
+                              "select_metric": cfg.select_metric}
 
     if sampler == "distill-cf":
         from models.distill_cf import distill
 
-        log_path = Path(log_path) if log_path is not None else default_log_path(out_path)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        callback = on_step
-        if callback is None and progress:
-            callback = _stderr_progress(cfg.max_steps)
-        with log_path.open("w") as log:
-
+        log_file = None
+        if log_path is not None:
+            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+            log_file = Path(log_path).open("w")
+        try:
             def record(info: dict[str, Any]) -> None:
-                row = {"step": info["step"], "loss": info["loss"],
-                       "seconds": round(info["seconds"], 4), "lambda": info["lambda"],
-                       "evaluated": info["evaluated"]}
-                if info["evaluated"]:
-                    row["val_hr@100"] = info["val"]["hr@100"]
-                    row["val_ndcg@10"] = info["val"]["ndcg@10"]
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                if callback is not None:
-                    callback(info)
+                if log_file is not None:
+                    row = {"step": info["step"], "loss": info["loss"],
+                           "seconds": round(info["seconds"], 4), "lambda": info["lambda"],
+                           "evaluated": info["evaluated"]}
+                    if info["evaluated"]:
+                        row.update({f"val_{k}": v for k, v in info["val"].items()})
+                    log_file.write(json.dumps(row) + "\n")
+                    log_file.flush()
+                if on_step is not None:
+                    on_step(info)
 
             result = distill(dataset.train, val, cfg, on_step=record)
-        if callback is not None and on_step is None:
-            sys.stderr.write("\n")
+        finally:
+            if log_file is not None:
+                log_file.close()
         support = result.summary
+        curve = [{"step": h["step"], "loss": h["loss"], "lambda": h["lambda"],
+                  **({f"val_{k}": v for k, v in h["val"].items()} if h.get("evaluated") else {})}
+                 for h in result.history]
         meta.update({"config": _config_dict(cfg), "best_step": result.best_step,
                      "lambda": result.best_lambda, "val": result.best_val,
-                     "init_val": result.init_val,
-                     "init_users": result.init_users.tolist(), "steps_run": result.steps_run})
+                     "init_val": result.init_val, "init_users": result.init_users.tolist(),
+                     "steps_run": result.steps_run})
         report.update({"best_step": result.best_step, "lambda": result.best_lambda,
-                       "val": result.best_val,
-                       "init_val": result.init_val, "steps_run": result.steps_run,
-                       "seconds_per_step": result.seconds_per_step, "log_path": str(log_path)})
+                       "val": result.best_val, "init_val": result.init_val,
+                       "steps_run": result.steps_run,
+                       "seconds_per_step": result.seconds_per_step})
     else:
         if sampler == "random":
             users = random_user_indices(dataset.train, cfg.budget, cfg.seed)
@@ -163,40 +160,108 @@ def distill_dataset(
         model, path = fit_select(support, val, cfg.lambdas, cfg.kernel,
                                  select_metric=cfg.select_metric)
         best_val = next(p.val for p in path if p.lam == model.lam)
+        curve = [{"step": 0, "loss": None, "lambda": model.lam,
+                  **{f"val_{k}": v for k, v in best_val.items()}}]
         meta.update({"users": users.tolist(), "lambda": model.lam, "val": best_val,
-                     "config": {"lambdas": list(cfg.lambdas),
+                     "config": {"lambdas": list(cfg.lambdas), "select_metric": cfg.select_metric,
                                 "kernel": dataclasses.asdict(cfg.kernel)}})
         report.update({"best_step": 0, "lambda": model.lam, "val": best_val, "steps_run": 0,
                        "seconds_per_step": None})
         if log_path is not None:
-            # one record, so that a pipeline's curve plot has the sampler's validation point
-            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(log_path).write_text(json.dumps({"step": 0, "lambda": model.lam, "evaluated": True,
-                                                  "val_hr@100": best_val["hr@100"],
-                                                  "val_ndcg@10": best_val["ndcg@10"]}) + "\n")
-            report["log_path"] = str(log_path)
+            write_text(log_path, json.dumps({**curve[0], "evaluated": True}) + "\n")
 
     write_summary(out_path, support, dataset.item_ids, meta)
-    if report.get("log_path"):
-        report["curve_path"] = str(write_curve_csv(report["log_path"]))
+    report["curve"] = curve
     report["seconds"] = time.perf_counter() - started
     report["nnz"] = int((support > 1e-6).sum())
     return report
 
 
-CURVE_COLUMNS = ("step", "loss", "val_hr@100", "val_ndcg@10")
+def random_users_fit(dataset: Any, budget: int, seed: int, lambdas: tuple[float, ...],
+                     depth: int, select_metric: str, batch_size: int = 2048) -> dict[str, Any]:
+    """∞-AE on ``budget`` random real users (the seed Distill-CF starts from), λ by the same
+    metric: the baseline every summary is reported beside. ``{lambda, val, test}``."""
+    from models.infinite_ae import evaluate, fit_select
+    from models.kernels import NTKConfig
+    from models.samplers import random_user_indices, rows_of
+
+    users = random_user_indices(dataset.train, budget, seed)
+    model, path = fit_select(rows_of(dataset.train, users), dataset.val_set(), lambdas,
+                             NTKConfig(depth=depth), select_metric=select_metric,
+                             batch_size=batch_size)
+    val = next(p.val for p in path if p.lam == model.lam)
+    test = evaluate(model, dataset.test_set(), batch_size=batch_size)
+    return {"lambda": model.lam, "val": val, "test": test}
 
 
-def write_curve_csv(log_path: str | Path) -> Path:
-    """The step log as CSV beside it (``.csv``): what `dvc plots` draws (it reads no JSON lines)."""
-    log_path = Path(log_path)
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    out = log_path.with_suffix(".csv")
-    lines = [",".join(CURVE_COLUMNS)]
-    for row in rows:
-        lines.append(",".join("" if row.get(c) is None else f"{row[c]}" for c in CURVE_COLUMNS))
-    out.write_text("\n".join(lines) + "\n")
-    return out
+def write_curve_csv(curve: list[dict[str, Any]], out: Path, metric_columns: list[str]) -> Path:
+    """The evaluated steps as CSV — what ``dvc plots`` draws (it reads no JSON lines)."""
+    columns = [*CURVE_COLUMNS, *metric_columns]
+    lines = [",".join(columns)]
+    for row in curve:
+        lines.append(",".join("" if row.get(c) is None else _num(row[c]) for c in columns))
+    return write_text(out, "\n".join(lines) + "\n")
 
 
-__all__ = ["distill_dataset", "write_curve_csv", "make_config", "default_log_path", "SAMPLERS"]
+def _num(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def run(params: Params, log: Optional[Callable[[str], None]] = None,
+        on_step: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
+    """The distill stage (see the module docstring). ``on_step``: a progress callback (the CLI's
+    bar); by default the evaluated steps are logged."""
+    from tasks.data import load_dataset
+    from tasks.plots import plot_curve
+
+    log = log or say()
+    d, paths, metric = params.distill, params.paths(), params.selection.metric
+    if on_step is None:
+        def on_step(info: dict[str, Any]) -> None:  # evaluated steps only: the log stays short
+            if info.get("evaluated"):
+                log(f"step {info['step']}: loss {info.get('loss')}, val {metric} "
+                    f"{info['val'][metric]:.2f} (λ {info['lambda']:g})")
+
+    dataset = load_dataset(paths.processed)
+    report = distill_dataset(
+        paths.processed, paths.summary, sampler=d.sampler, budget=d.budget, seed=d.seed,
+        steps=d.steps, samples=d.samples, tau=d.tau, log_path=paths.distill_log,
+        on_step=on_step, dataset=dataset, lr=d.lr, reg=d.reg, patience=d.patience,
+        eval_every=d.eval_every, target_batch=d.target_batch,
+        lambdas=tuple(params.fit.summary_lambdas), select_metric=metric, depth=params.fit.depth)
+    if report["budget"] < report["budget_requested"]:
+        log(f"distill.budget {report['budget_requested']} capped at {report['budget']}: the "
+            f"number of users with train interactions")
+    fault_point("distill")  # the summary written, its reports not yet
+    random = random_users_fit(dataset, report["budget"], d.seed, params.fit.summary_lambdas,
+                              params.fit.depth, metric, params.fit.batch_size)
+    summary_hash = content_hash(paths.summary)
+    distill_report = {
+        "sampler": d.sampler, "budget": report["budget"],
+        "budget_requested": report["budget_requested"], "select_metric": metric,
+        "best_step": report["best_step"], "steps_run": report["steps_run"],
+        "lambda": report["lambda"], "val": report["val"],
+        "init_val": report.get("init_val"), "random_users": random,
+        "summary_hash": summary_hash,
+    }
+    write_json(paths.distill_report, distill_report)
+    write_curve_csv(report["curve"], paths.distill_curve,
+                    list(dict.fromkeys(["val_ndcg@10", "val_hr@100", f"val_{metric}"])))
+    plot_curve(report["curve"], paths.plots / "distill_curve.png", metric,
+               title=f"Distill-CF ({d.sampler}, budget {report['budget']})")
+    log(f"summary ({d.sampler}, budget {report['budget']}, best step {report['best_step']}): "
+        f"val {metric} {report['val'][metric]:.2f} vs {random['val'][metric]:.2f} for "
+        f"{report['budget']} random users → {paths.summary} ({summary_hash}, "
+        f"{report['seconds']:.1f}s)")
+    return {"summary_path": str(paths.summary), "summary_hash": summary_hash,
+            "seconds": report["seconds"], "report": distill_report,
+            "seconds_per_step": report["seconds_per_step"]}
+
+
+@task(name="distill", **task_options())
+def distill_task(params: Params) -> dict[str, Any]:
+    return run(params)
+
+
+__all__ = ["run", "distill_task", "distill_dataset", "make_config", "random_users_fit",
+           "write_curve_csv", "SAMPLERS"]

@@ -1,64 +1,66 @@
-"""Evaluation for the gates: baselines, the full-data reference, and a model on foreign data.
+"""Evaluate stage: what the gates compare the candidate with, on the same data.
 
-* :func:`baseline_metrics` — PopRec and a tuned EASE (λ on validation HR@100), val + test;
-* :func:`reference_metrics` — ∞-AE fitted on all users of the same data (gate c's reference),
-  or on the largest user sample allowed (``max_users``) when the n × n kernel would not fit;
-* :func:`evaluate_model_on` — test metrics of a fitted ∞-AE (e.g. the champion) on a data set
-  whose item map may differ from the model's: items are aligned by raw id, unknown ones rank last.
+``run(params)`` reads the processed data, the candidate's metrics (``<state_dir>/model``) and the
+distill report, and writes ``<reports_dir>/evaluation.json`` (DVC metrics) with
 
-No Prefect or MLflow here (see ``tasks.prefect_tasks``).
+* ``candidate`` — the summary-fitted ∞-AE (val/test, from the fit stage);
+* ``poprec`` and ``ease`` — PopRec and EASE (λ of ``evaluate.ease_lambdas`` on validation
+  ``selection.metric``), val/test;
+* ``reference`` — ∞-AE fitted on all users (``fit.lambdas``, ``fit.depth``), or on a sample of
+  ``evaluate.reference_max_users`` when the n × n kernel would not fit: gate (c)'s reference;
+* ``random_users`` — ∞-AE on ``budget`` random users (from the distill report);
+* ``summary`` — the ratios the gates and ``dvc metrics`` show (``fidelity`` = candidate test /
+  reference test on the selection metric).
+
+:func:`evaluate_model_on` scores any fitted ∞-AE (e.g. the champion) on a data set whose item map
+may differ. Entry points: :func:`evaluate_task` and ``infrec evaluate --params params.yaml``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import scipy.sparse as sp
+from prefect import task
 
 from models.baselines import EASE_LAMBDAS, PopRec, fit_ease_select
 from models.infinite_ae import InfAE, evaluate, evaluate_score_batches
-from tasks.data import Dataset
+from tasks.data import Dataset, load_dataset
+from tasks.io import read_json, write_json
+from tasks.params import Params
+from tasks.runtime import say, task_options
 
 # score of items the model has never seen: below any real score, above masked (−∞) ones
 _UNKNOWN_ITEM_SCORE = np.float32(-3.0e38)
 
 
-def baseline_metrics(
-    dataset: Dataset,
-    *,
-    ease_lambdas: Sequence[float] | None = None,
-    log: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+def baseline_metrics(dataset: Dataset, *, ease_lambdas: Sequence[float] | None = None,
+                     select_metric: str = "hr@100",
+                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """``{"poprec": {"val", "test"}, "ease": {"lambda", "val", "test", "lambda_path"}}``."""
-    say = log or (lambda _m: None)
+    say_ = log or (lambda _m: None)
     val, test = dataset.val_set(), dataset.test_set()
     pop = PopRec.fit(dataset.train)
     pop_val = evaluate_score_batches(pop.iter_scores(val.context), val)
     pop_test = evaluate_score_batches(pop.iter_scores(test.context), test)
-    say(f"PopRec val ndcg@10={pop_val['ndcg@10']:.2f} test ndcg@10={pop_test['ndcg@10']:.2f}")
-    ease, path = fit_ease_select(dataset.train, val, ease_lambdas or EASE_LAMBDAS)
+    ease, path = fit_ease_select(dataset.train, val, ease_lambdas or EASE_LAMBDAS,
+                                 select_metric=select_metric)
     ease_val = next(p["val"] for p in path if p["lambda"] == ease.lam)
     ease_test = evaluate_score_batches(ease.iter_scores(test.context), test)
-    say(f"EASE λ={ease.lam:g} val ndcg@10={ease_val['ndcg@10']:.2f} "
-        f"test ndcg@10={ease_test['ndcg@10']:.2f}")
+    m = select_metric
+    say_(f"PopRec val {m}={pop_val[m]:.2f}; EASE λ={ease.lam:g} val {m}={ease_val[m]:.2f} "
+         f"test {m}={ease_test[m]:.2f}")
     return {
         "poprec": {"val": pop_val, "test": pop_test},
         "ease": {"lambda": ease.lam, "val": ease_val, "test": ease_test, "lambda_path": path},
     }
 
 
-def reference_metrics(
-    dataset: Dataset,
-    *,
-    max_users: int = 20000,
-    seed: int = 0,
-    lambdas: Sequence[float] | None = None,
-    depth: int = 1,
-    batch_size: int = 2048,
-    log: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+def reference_metrics(dataset: Dataset, *, max_users: int = 20000, seed: int = 0,
+                      lambdas: Sequence[float] | None = None, depth: int = 1,
+                      select_metric: str = "hr@100", batch_size: int = 2048,
+                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """∞-AE on all users (or a ``max_users`` sample): ``{"description", "lambda", "val", …}``."""
     from tasks.fit import fit_dataset
 
@@ -68,27 +70,15 @@ def reference_metrics(
     else:
         user_support = float(max_users)
         description = f"∞-AE on a random sample of {max_users} of {n} users (largest allowed)"
-    model, report = fit_dataset(
-        dataset, lambdas=lambdas, depth=depth, user_support=user_support, seed=seed,
-        batch_size=batch_size, log=log,
-    )
-    return {
-        "description": description,
-        "lambda": model.lam,
-        "val": report["metrics"]["val"],
-        "test": report["metrics"]["test"],
-        "support": report["support"],
-    }
+    model, report = fit_dataset(dataset, lambdas=lambdas, depth=depth, user_support=user_support,
+                                seed=seed, select_metric=select_metric, batch_size=batch_size,
+                                log=log)
+    return {"description": description, "lambda": model.lam,
+            "val": report["metrics"]["val"], "test": report["metrics"]["test"]}
 
 
-def evaluate_model_on(
-    model: InfAE,
-    model_item_ids: np.ndarray,
-    dataset: Dataset,
-    *,
-    split: str = "test",
-    batch_size: int = 2048,
-) -> dict[str, float]:
+def evaluate_model_on(model: InfAE, model_item_ids: np.ndarray, dataset: Dataset, *,
+                      split: str = "test", batch_size: int = 2048) -> dict[str, float]:
     """Metrics of ``model`` on ``dataset``'s ``split``, aligning items by raw id.
 
     Items of the data set that the model does not know get the lowest score; histories are
@@ -96,14 +86,13 @@ def evaluate_model_on(
     """
     evalset = dataset.test_set() if split == "test" else dataset.val_set()
     model_item_ids = np.asarray(model_item_ids)
-    same_items = model_item_ids.shape == dataset.item_ids.shape
-    if same_items and np.array_equal(model_item_ids, dataset.item_ids):
+    if model_item_ids.shape == dataset.item_ids.shape and np.array_equal(model_item_ids,
+                                                                          dataset.item_ids):
         return evaluate(model, evalset, batch_size=batch_size)
     col_of = {int(raw): j for j, raw in enumerate(model_item_ids.tolist())}
     data_cols = np.array([col_of.get(int(raw), -1) for raw in dataset.item_ids.tolist()])
     known = np.flatnonzero(data_cols >= 0)
-    # data item i → model column data_cols[i] (unknown items have no column)
-    to_model = sp.csr_matrix(
+    to_model = sp.csr_matrix(  # data item i → model column data_cols[i]
         (np.ones(known.size, dtype=np.float32), (known, data_cols[known])),
         shape=(dataset.n_items, model_item_ids.size),
     )
@@ -119,43 +108,54 @@ def evaluate_model_on(
     return evaluate_score_batches(batches(), evalset)
 
 
-__all__ = ["baseline_metrics", "reference_metrics", "evaluate_model_on"]
-
-
-def evaluation_report(
-    data_dir: str | Path,
-    model_dir: str | Path,
-    out_path: str | Path,
-    *,
-    max_reference_users: int = 20000,
-    log: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """``infrec evaluate`` (the DVC evaluate stage): candidate vs PopRec, EASE and full-data ∞-AE.
-
-    Writes ``out_path`` (JSON, DVC metrics) atomically; the fit's λ paths stay in the model dir.
-    """
-    import json
-
-    from tasks.data import load_dataset
-    from tasks.errors import InputError
-    from tasks.io import write_json
-
-    dataset = load_dataset(data_dir)
-    metrics_file = Path(model_dir) / "metrics.json"
-    if not metrics_file.is_file():
-        raise InputError(f"{metrics_file}: missing (not an `infrec fit` model directory?)")
-    candidate = json.loads(metrics_file.read_text())
-    base = baseline_metrics(dataset, log=log)
-    ref = reference_metrics(dataset, max_users=max_reference_users, log=log)
-    base["ease"].pop("lambda_path", None)
-    summary = {
-        "candidate_test_ndcg@10": candidate["test"]["ndcg@10"],
-        "ease_test_ndcg@10": base["ease"]["test"]["ndcg@10"],
-        "reference_test_ndcg@10": ref["test"]["ndcg@10"],
-        "fidelity_ndcg@10": candidate["test"]["ndcg@10"] / ref["test"]["ndcg@10"],
-        "ease_fraction_val_ndcg@10": candidate["val"]["ndcg@10"] / base["ease"]["val"]["ndcg@10"],
+def summarise(evaluation: dict[str, Any], metric: str) -> dict[str, float]:
+    """The ratios shown by ``dvc metrics`` and the verdict, on the selection metric."""
+    cand, ref = evaluation["candidate"], evaluation["reference"]
+    out = {
+        "metric": metric,
+        "candidate_test": cand["test"][metric],
+        "reference_test": ref["test"][metric],
+        "ease_test": evaluation["ease"]["test"][metric],
+        "fidelity": _ratio(cand["test"][metric], ref["test"][metric]),
+        "ease_fraction_val": _ratio(cand["val"][metric], evaluation["ease"]["val"][metric]),
+        "pop_margin_val": cand["val"][metric] - evaluation["poprec"]["val"][metric],
     }
-    report = {"summary": summary, "candidate": candidate, **base,
-              "reference": {k: v for k, v in ref.items() if k != "support"}}
-    write_json(Path(out_path), report, atomic=True)
-    return report
+    random = evaluation.get("random_users")
+    if random:
+        out["random_users_test"] = random["test"][metric]
+        out["candidate_vs_random_test"] = cand["test"][metric] - random["test"][metric]
+    return out
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def run(params: Params, log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """The evaluate stage (see the module docstring)."""
+    log = log or say()
+    paths, ev, f, metric = params.paths(), params.evaluate, params.fit, params.selection.metric
+    dataset = load_dataset(paths.processed)
+    candidate = read_json(paths.model / "metrics.json", "the fit stage's metrics")
+    distill_report = read_json(paths.distill_report, "the distill stage's report")
+    base = baseline_metrics(dataset, ease_lambdas=ev.ease_lambdas, select_metric=metric, log=log)
+    ref = reference_metrics(dataset, max_users=ev.reference_max_users, seed=ev.reference_seed,
+                            lambdas=f.lambdas, depth=f.depth, select_metric=metric,
+                            batch_size=f.batch_size, log=log)
+    log(f"reference: {ref['description']}, λ={ref['lambda']:g}, test {metric}="
+        f"{ref['test'][metric]:.2f}")
+    base["ease"].pop("lambda_path", None)
+    evaluation = {"candidate": candidate, **base, "reference": ref,
+                  "random_users": distill_report.get("random_users")}
+    evaluation = {"summary": summarise(evaluation, metric), **evaluation}
+    write_json(paths.evaluation, evaluation)
+    return evaluation
+
+
+@task(name="evaluate", **task_options())
+def evaluate_task(params: Params) -> dict[str, Any]:
+    return run(params)
+
+
+__all__ = ["run", "evaluate_task", "baseline_metrics", "reference_metrics", "evaluate_model_on",
+           "summarise"]

@@ -1,33 +1,36 @@
-"""Fit ∞-AE on an ingested data directory, pick λ on validation, evaluate on test, save.
+"""Fit stage: ∞-AE on the summary (the candidate), λ chosen on validation, evaluated on test.
 
-A fitted model directory holds:
+``run(params)`` reads ``<state_dir>/data/processed`` and ``<state_dir>/data/summary.parquet``,
+fits ∞-AE on the summary for every λ of ``fit.summary_lambdas`` (one kernel), keeps the λ with
+the best validation ``selection.metric``, evaluates it on test and writes
 
-* ``model.npz``   — ``support`` (n × m float32) and ``alpha`` (n × m float32);
-* ``model.json``  — λ, λ̃, kernel config, support description, data version, timings;
-* ``item_map.parquet`` — raw item id of each column (copied from the data directory);
-* ``lambda_path.json`` — validation metrics for every λ of the grid (metric versus λ);
-* ``metrics.json`` — ``{"lambda": λ, "val": {metric: value}, "test": {metric: value}}``.
+* ``<state_dir>/model`` — the model directory (:mod:`tasks.model_store`);
+* ``<reports_dir>/metrics.json`` — ``{"lambda", "val": {…}, "test": {…}}`` (DVC metrics);
+* ``<reports_dir>/lambda_path.json`` and ``plots/lambda_path.png`` — metric versus λ.
 
-Everything is written to a temporary sibling directory and renamed at the end, so a failure
-leaves no partial model behind.
+:func:`fit_dataset` is the same fit on any support (all users, a user sample, a summary file):
+the evaluate stage's full-data reference and the sweeps use it. Entry points: :func:`fit_task`
+and ``infrec fit --params params.yaml`` — both call ``run``.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+from prefect import task
 
-from models.infinite_ae import FULL_DATA_LAMBDAS, SUMMARY_LAMBDAS, InfAE, evaluate, fit_select
+from models.infinite_ae import (FULL_DATA_LAMBDAS, SUMMARY_LAMBDAS, InfAE, evaluate, fit_select,
+                                kernel_matrix)
 from models.kernels import NTKConfig
 from tasks.data import Dataset, load_dataset
 from tasks.errors import InputError
-from tasks.io import atomic_dir, write_json
-
-MODEL_FORMAT = 1
+from tasks.io import write_json
+from tasks.model_store import save_model
+from tasks.params import Params
+from tasks.runtime import say, task_options
 
 
 def choose_support(
@@ -50,18 +53,20 @@ def choose_support(
                 f"{support_path}: its item map ({len(item_ids)} items) does not match the data "
                 f"directory {dataset.path} ({dataset.n_items} items)"
             )
-        return support, {"kind": "summary", "path": str(support_path), "rows": int(support.shape[0]),
-                         "meta": meta}, False
+        return support, {"kind": "summary", "rows": int(support.shape[0]),
+                         "sampler": meta.get("sampler"), "meta": meta}, False
     train = dataset.train
     if user_support is not None and user_support < 1.0 * dataset.n_users:
-        n_keep = int(round(user_support * dataset.n_users)) if user_support <= 1.0 else int(user_support)
+        n_keep = (int(round(user_support * dataset.n_users)) if user_support <= 1.0
+                  else int(user_support))
         if n_keep < 1:
             raise InputError(f"user_support={user_support} keeps no user")
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(dataset.n_users, size=n_keep, replace=False))
         support = train[rows].toarray().astype(np.float32)
         return support, {"kind": "user_sample", "rows": n_keep, "seed": seed}, False
-    return train.toarray().astype(np.float32), {"kind": "all_users", "rows": dataset.n_users}, True
+    return (train.toarray().astype(np.float32), {"kind": "all_users", "rows": dataset.n_users},
+            True)
 
 
 def fit_dataset(
@@ -69,14 +74,15 @@ def fit_dataset(
     *,
     lambdas: Sequence[float] | None = None,
     depth: int = 1,
+    select_metric: str = "hr@100",
     support_path: str | Path | None = None,
     user_support: float | None = None,
     seed: int = 0,
     batch_size: int = 2048,
     log: Callable[[str], None] | None = None,
 ) -> tuple[InfAE, dict[str, Any]]:
-    """Fit, select λ on validation HR@100, evaluate on test. Returns the model and a report."""
-    say = log or (lambda _msg: None)
+    """Fit, select λ on validation ``select_metric``, evaluate on test: ``(model, report)``."""
+    say_ = log or (lambda _msg: None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     support, support_info, is_ctx = choose_support(
@@ -89,21 +95,19 @@ def fit_dataset(
     timings["prepare"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    from models.infinite_ae import kernel_matrix
-
     kernel = kernel_matrix(support, config)
     timings["kernel"] = time.perf_counter() - t1
-    say(f"kernel {kernel.shape[0]}×{kernel.shape[1]} in {timings['kernel']:.2f}s")
+    say_(f"kernel {kernel.shape[0]}×{kernel.shape[1]} in {timings['kernel']:.2f}s")
 
     t2 = time.perf_counter()
 
     def on_lambda(result) -> None:
         note = " (stabilised)" if result.stabilised else ""
-        say(f"λ={result.lam:g}{note}: val hr@100={result.val['hr@100']:.2f} ndcg@10={result.val['ndcg@10']:.2f}")
+        say_(f"λ={result.lam:g}{note}: val {select_metric}={result.val[select_metric]:.2f}")
 
     model, path = fit_select(
         support, val, lambdas, config, support_is_val_context=is_ctx, batch_size=batch_size,
-        kernel=kernel, on_lambda=on_lambda,
+        kernel=kernel, on_lambda=on_lambda, select_metric=select_metric,
     )
     del kernel
     timings["fit"] = time.perf_counter() - t2
@@ -112,7 +116,7 @@ def fit_dataset(
     t3 = time.perf_counter()
     test = evaluate(model, dataset.test_set(), batch_size=batch_size)
     timings["evaluate"] = time.perf_counter() - t3
-    say(f"λ={model.lam:g} test ndcg@10={test['ndcg@10']:.2f} hr@10={test['hr@10']:.2f}")
+    say_(f"λ={model.lam:g} test {select_metric}={test[select_metric]:.2f}")
     report = {
         "metrics": {"lambda": model.lam, "val": best.val, "test": test},
         "lambda_path": [
@@ -120,80 +124,35 @@ def fit_dataset(
             for r in path
         ],
         "support": support_info,
+        "select_metric": select_metric,
         "seconds": timings,
     }
     return model, report
 
 
-def save_model(model: InfAE, out_dir: str | Path, item_ids: np.ndarray, report: dict[str, Any],
-               data_version: str, overwrite: bool = False) -> Path:
-    """Write a model directory atomically (see module docstring)."""
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        np.savez(tmp / "model.npz", support=model.support, alpha=model.alpha)
-        import polars as pl
+def run(params: Params, log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """The fit stage (see the module docstring)."""
+    from tasks.plots import plot_lambda_path
 
-        pl.DataFrame({"item": np.arange(len(item_ids), dtype=np.int32), "raw_id": item_ids.astype(np.int64)}).write_parquet(tmp / "item_map.parquet")
-        info = {
-            "format_version": MODEL_FORMAT,
-            "model": "infinite_ae",
-            "lambda": model.lam,
-            "lambda_scaled": model.lam_scaled,
-            "kernel": {"depth": model.config.depth, "w_std": model.config.w_std, "b_std": model.config.b_std},
-            "n_support": int(model.support.shape[0]),
-            "n_items": int(model.n_items),
-            "support": {k: v for k, v in report["support"].items() if k != "meta"},
-            "data_version": data_version,
-            "seconds": report["seconds"],
-        }
-        write_json(tmp / "model.json", info)
-        write_json(tmp / "lambda_path.json", report["lambda_path"])
-        write_json(tmp / "metrics.json", report["metrics"])
-    return out_dir
+    log = log or say()
+    f, paths, metric = params.fit, params.paths(), params.selection.metric
+    dataset = load_dataset(paths.processed)
+    model, report = fit_dataset(dataset, lambdas=f.summary_lambdas, depth=f.depth,
+                                select_metric=metric, support_path=paths.summary,
+                                batch_size=f.batch_size, log=log)
+    save_model(model, paths.model, dataset.item_ids, report, dataset.data_version, overwrite=True)
+    write_json(paths.metrics, report["metrics"])
+    write_json(paths.lambda_path, report["lambda_path"])
+    plot_lambda_path(report["lambda_path"], paths.plots / "lambda_path.png",
+                     metrics=dict.fromkeys([metric, "hr@100"]))
+    return {"model_dir": str(paths.model), "lambda": model.lam,
+            "val": report["metrics"]["val"], "test": report["metrics"]["test"],
+            "lambda_path": report["lambda_path"], "seconds": report["seconds"]}
 
 
-def load_model(model_dir: str | Path) -> tuple[InfAE, np.ndarray, dict[str, Any]]:
-    """Read a model directory written by :func:`save_model`: ``(model, item_ids, info)``."""
-    model_dir = Path(model_dir)
-    for name in ("model.npz", "model.json", "item_map.parquet"):
-        if not (model_dir / name).is_file():
-            raise InputError(f"{model_dir / name}: missing (not an `infrec fit` model directory?)")
-    import polars as pl
-
-    info = json.loads((model_dir / "model.json").read_text())
-    if info.get("format_version") != MODEL_FORMAT:
-        raise InputError(f"{model_dir / 'model.json'}: unknown format_version {info.get('format_version')!r}")
-    arrays = np.load(model_dir / "model.npz")
-    kcfg = info["kernel"]
-    model = InfAE(
-        support=arrays["support"], alpha=arrays["alpha"], lam=float(info["lambda"]),
-        lam_scaled=float(info["lambda_scaled"]),
-        config=NTKConfig(depth=int(kcfg["depth"]), w_std=float(kcfg["w_std"]), b_std=float(kcfg["b_std"])),
-    )
-    items = pl.read_parquet(model_dir / "item_map.parquet").sort("item")["raw_id"].to_numpy()
-    return model, items, info
+@task(name="fit", **task_options())
+def fit_task(params: Params) -> dict[str, Any]:
+    return run(params)
 
 
-def fit(
-    data_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    metrics_path: str | Path | None = None,
-    overwrite: bool = False,
-    log: Callable[[str], None] | None = None,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    """CLI/pipeline entry: load, fit, save the model (and ``metrics.json``); returns the report."""
-    dataset = load_dataset(data_dir)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise InputError(f"{out_dir}: already exists (use --overwrite to replace it)")
-    model, report = fit_dataset(dataset, log=log, **kwargs)
-    save_model(model, out_dir, dataset.item_ids, report, dataset.data_version, overwrite=overwrite)
-    if metrics_path is not None:
-        write_json(Path(metrics_path), report["metrics"], atomic=True)
-    return report
-
-
-__all__ = ["fit", "fit_dataset", "save_model", "load_model", "choose_support"]
-
+__all__ = ["run", "fit_task", "fit_dataset", "choose_support"]

@@ -1,6 +1,7 @@
 """Promotion gates: a pure decision from numbers to a verdict with reasons (no I/O).
 
-Three gates, on one metric (``gates.metric``, default nDCG@10; values ×100):
+Three gates, on one metric (``selection.metric``, default nDCG@10; values ×100) — the metric
+that also chose every λ and the summary's best step:
 
 (a) **baselines** — on validation, the candidate beats PopRec by at least ``pop_margin`` points
     and reaches ``ease_fraction`` × a tuned EASE fitted on the same data;
@@ -30,10 +31,12 @@ class GateThresholds:
     fidelity_fraction: float = 0.95
 
     @classmethod
-    def from_params(cls, gates: Any) -> "GateThresholds":
-        """From ``Params.gates`` (or any object/dict with the same fields)."""
-        get = gates.get if isinstance(gates, dict) else (lambda k, d: getattr(gates, k, d))
-        return cls(**{f: get(f, getattr(cls, f)) for f in cls.__dataclass_fields__})
+    def from_params(cls, params: Any) -> "GateThresholds":
+        """From a :class:`tasks.params.Params` (``gates.*`` and ``selection.metric``)."""
+        g = params.gates
+        return cls(metric=params.selection.metric, pop_margin=g.pop_margin,
+                   ease_fraction=g.ease_fraction, champion_epsilon=g.champion_epsilon,
+                   fidelity_fraction=g.fidelity_fraction)
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ class GateInputs:
     champion_test: Optional[float] = None  # None: no champion yet
     champion_version: Optional[str] = None
     champion_note: str = ""  # e.g. "re-evaluated on this data's test split"
+    # why the champion could not be compared (its artifacts do not load, say): gate (b) is then
+    # skipped with this reason instead of failing every later run
+    champion_unusable: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,8 @@ class GateResult:
     name: str
     passed: bool
     reason: str
+    value: Optional[float] = None  # the figure compared (candidate's, or its ratio)
+    threshold: Optional[float] = None  # what it had to reach
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,31 @@ class Verdict:
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "gates": [asdict(g) for g in self.gates],
                 "reasons": self.reasons}
+
+
+def gate_inputs(evaluation: dict[str, Any], metric: str,
+                champion: Optional[dict[str, Any]] = None) -> GateInputs:
+    """The gates' numbers from an evaluate-stage report (``evaluation.json``) and the champion
+    (``{"version", "test": {metric: value} or None, "note"}``; None: no champion). The one place
+    gate inputs are built — for a pipeline run and for ``infrec promote VERSION`` alike."""
+    def pick(block: Optional[dict[str, Any]], split: str) -> Optional[float]:
+        value = ((block or {}).get(split) or {}).get(metric)
+        return None if value is None else float(value)
+
+    ref = evaluation.get("reference") or {}
+    champ_test = None
+    if champion is not None and champion.get("test") is not None:
+        champ_test = float(champion["test"][metric]) if metric in champion["test"] else math.nan
+    return GateInputs(
+        candidate_val=pick(evaluation.get("candidate"), "val"),
+        candidate_test=pick(evaluation.get("candidate"), "test"),
+        pop_val=pick(evaluation.get("poprec"), "val"), ease_val=pick(evaluation.get("ease"), "val"),
+        reference_test=pick(ref, "test"), reference=ref.get("description", "∞-AE on all users"),
+        champion_test=champ_test if champion is not None else None,
+        champion_version=None if champion is None else str(champion["version"]),
+        champion_note="" if champion is None else champion.get("note", ""),
+        champion_unusable=None if champion is None else champion.get("unusable"),
+    )
 
 
 def _ok(x: Optional[float]) -> bool:
@@ -103,12 +136,16 @@ def baselines_gate(inp: GateInputs, t: GateThresholds) -> GateResult:
         f"vs EASE {inp.ease_val:.2f} ({ratio:.3f}×, need ≥ {t.ease_fraction:g}×)"
         f"{'' if near_ease else ' ✗'}"
     )
-    return GateResult("baselines", beats_pop and near_ease, reason)
+    return GateResult("baselines", beats_pop and near_ease, reason, value=inp.candidate_val,
+                      threshold=max(inp.pop_val + t.pop_margin, need))
 
 
 def champion_gate(inp: GateInputs, t: GateThresholds) -> GateResult:
     m = t.metric
-    if inp.champion_test is None:
+    if inp.champion_unusable:
+        return GateResult("champion", True, f"skipped: champion v{inp.champion_version} is "
+                          f"unusable ({inp.champion_unusable})")
+    if inp.champion_version is None:
         return GateResult("champion", True, "no champion yet")
     problem = _bad_numbers(candidate_test=inp.candidate_test, champion_test=inp.champion_test)
     if problem:
@@ -121,7 +158,8 @@ def champion_gate(inp: GateInputs, t: GateThresholds) -> GateResult:
         f"test {m} {inp.candidate_test:.2f} vs {who} {inp.champion_test:.2f} "
         f"({delta:+.2f}, allowed ≥ −{t.champion_epsilon:g}){note}"
     )
-    return GateResult("champion", passed, reason)
+    return GateResult("champion", passed, reason, value=inp.candidate_test,
+                      threshold=inp.champion_test - t.champion_epsilon)
 
 
 def fidelity_gate(inp: GateInputs, t: GateThresholds) -> GateResult:
@@ -136,7 +174,7 @@ def fidelity_gate(inp: GateInputs, t: GateThresholds) -> GateResult:
         f"test {m} {inp.candidate_test:.2f} = {ratio:.3f}× {inp.reference} "
         f"({inp.reference_test:.2f}; need ≥ {t.fidelity_fraction:g}×)"
     )
-    return GateResult("fidelity", passed, reason)
+    return GateResult("fidelity", passed, reason, value=ratio, threshold=t.fidelity_fraction)
 
 
 def decide_gates(inputs: GateInputs, thresholds: GateThresholds = GateThresholds()) -> Verdict:
@@ -149,4 +187,4 @@ def decide_gates(inputs: GateInputs, thresholds: GateThresholds = GateThresholds
     return Verdict(passed=all(r.passed for r in results), gates=results)
 
 
-__all__ = ["GateThresholds", "GateInputs", "GateResult", "Verdict", "decide_gates"]
+__all__ = ["GateThresholds", "GateInputs", "GateResult", "Verdict", "decide_gates", "gate_inputs"]

@@ -38,8 +38,11 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from prefect import task
 
 from tasks.errors import InputError
+from tasks.io import atomic_dir
+from tasks.runtime import fault_point, say, task_options
 
 FORMATS = ("movielens", "csv", "tsv", "parquet")
 SPLITS = ("train", "val", "test")
@@ -72,6 +75,7 @@ def ingest(
     columns: dict[str, str] | None = None,
     overwrite: bool = False,
     min_user_interactions: int = 3,
+    label: str | None = None,
 ) -> dict:
     """Validate, de-duplicate, binarise, filter, split and re-index ``input_path`` into ``out_dir``.
 
@@ -79,9 +83,10 @@ def ingest(
     ``columns``: role ("user", "item", "rating", "timestamp", "split") -> column name, for CSV/TSV
     and Parquet (ignored for ratings.dat); unnamed roles are found by their usual aliases.
     Returns the manifest (also written as ``out_dir/manifest.json``). Raises ``InputError`` with
-    a one-line message on bad input; in that case nothing is left on disk.
+    a one-line message on bad input; in that case nothing is left on disk. ``label``: how error
+    messages name the input (default: its path), e.g. the user's file when reading a snapshot.
     """
-    src = str(input_path)
+    src = label or str(input_path)
     input_path = Path(input_path)
     out_dir = Path(out_dir)
     if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -107,7 +112,9 @@ def ingest(
     tables, counts, filtered, split_source = processed
     manifest = {
         "format_version": FORMAT_VERSION,
-        "input": {"path": src, "sha256": sha, "format": detected},
+        # the file's name and content, never its path: the data hash must not depend on where
+        # the file or the checkout lies
+        "input": {"name": Path(src).name, "sha256": sha, "format": detected},
         "seed": seed,
         "split_source": split_source,
         "min_rating": min_rating,
@@ -720,3 +727,51 @@ def _write_outputs(out_dir: Path, tables: dict[str, pl.DataFrame], manifest: dic
         else:
             old.unlink(missing_ok=True)
     return outputs
+
+
+# --------------------------------------------------------------------------------------------
+# the ingest stage (Prefect task and `infrec ingest --params`)
+
+
+def run(params, log=None) -> dict:
+    """The ingest stage: ingest ``ingest.input`` — or, when it is null, the embedded default
+    (the generate stage's ``run``) — into ``<state_dir>/data/processed``, and keep the exact bytes
+    read as ``<state_dir>/data/input/<name>`` (a DVC-cached output: every data version holds the
+    input it was made from, so a rollback restores it while the user's own log keeps growing).
+
+    The file is copied first and the copy is what gets parsed (the user's file may grow while it
+    is read); bad input changes nothing — neither the processed data nor the snapshot.
+    """
+    from tasks import generate
+    from tasks.data import load_dataset
+
+    log = log or say()
+    ing, paths = params.ingest, params.paths()
+    if ing.input is None:
+        generate.run(params, log=log)
+    source = params.input_path()
+    _check_input_file(source, str(source))
+    columns = {role: name for role, name in (("user", ing.user_col), ("item", ing.item_col),
+                                              ("rating", ing.rating_col)) if name}
+    with atomic_dir(paths.snapshot, overwrite=True) as staged:
+        copy = staged / source.name
+        try:
+            shutil.copyfile(source, copy)
+        except OSError as exc:
+            raise InputError(f"{source}: cannot read file: {exc.strerror or exc}") from None
+        manifest = ingest(copy, paths.processed, fmt=ing.format, seed=ing.seed,
+                          min_rating=ing.min_rating, columns=columns or None, overwrite=True,
+                          min_user_interactions=ing.min_user_interactions, label=str(source))
+        size = copy.stat().st_size
+        fault_point("ingest")  # processed written, snapshot not yet swapped in
+    data_version = load_dataset(paths.processed).data_version
+    log(f"ingested {source} → {paths.processed}: {manifest['counts']} (data {data_version})")
+    return {"data_dir": str(paths.processed), "data_version": data_version,
+            "counts": manifest["counts"],
+            "input": {"source": str(source), "name": source.name,
+                      "sha256": manifest["input"]["sha256"], "size": size}}
+
+
+@task(name="ingest", **task_options())
+def ingest_task(params) -> dict:
+    return run(params)

@@ -1,54 +1,404 @@
-"""Data versions joined with the model registry: listing, rollback and lineage.
+"""Data versions joined with the registry: listing, lineage, and a rollback that can be trusted.
 
-``rollback`` restores a data version's processed data and summary (from the DVC cache or remote)
-and moves ``champion`` to the model version trained on it — all or nothing: if any step fails,
-the workspace data, ``dvc.lock`` and the aliases are put back as they were.
+``rollback(params, "vN")`` restores data version vN — the input snapshot, processed data,
+summary, model and reports it recorded, and its ``dvc.lock`` — and makes a model trained on that
+data the champion:
+
+1. **only what passed**: the target is a version trained on vN's data whose gates passed (never
+   an ``incomplete`` one). When there is none, ∞-AE is refitted on vN's data with vN's params
+   (the fit stage's code), registered, and gated against the current champion; a failing verdict
+   refuses the rollback (nothing changed) unless ``force`` with a ``reason``, which is recorded.
+2. **verified**: every file is rebuilt from the DVC cache into a staging folder and its MD5
+   checked against the hash vN recorded; a missing or corrupt cache object is (re-)fetched from
+   the DVC remote, and if no intact copy exists the rollback fails with one line, nothing changed.
+3. **atomic under kill -9**: a journal (``<state_dir>/rollback.journal.json``) is written before
+   the first visible change; files are swapped by rename with the old ones kept; the alias move
+   is the commit point. The next command (:func:`recover_interrupted`, called by every writer
+   under the lock) undoes an uncommitted rollback — data, ``dvc.lock``, reports and aliases all
+   back at the old version — or finishes a committed one, and removes the staging folder.
+
+The caller holds the writer lock (:func:`tasks.concurrency.writer_lock`).
 """
 
 from __future__ import annotations
 
+import getpass
+import hashlib
 import json
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
+import yaml
+
+from tasks import registry
+from tasks.dvc import DataVersion, get_version, git_root, list_versions, version_files
 from tasks.errors import InputError
-from tasks.registry import CHAMPION, PREVIOUS, alias_version, client, data_version_id
-from tasks.versioning import get_version, git_root, list_versions, restored
+from tasks.io import write_json
+from tasks.params import Params, parse_params
+from tasks.runtime import fault_point, say
 
 VERSION_LOG = "version_log.jsonl"
+JOURNAL = "rollback.journal.json"
+STAGING_PREFIX = ".restore-"
 
 
-def _model_versions(tracking_uri: str, name: str) -> list[Any]:
-    cl = client(tracking_uri)
+class RestoreError(InputError):
+    """A version's data cannot be restored intact (one line; nothing was changed)."""
+
+
+# -- the DVC cache ------------------------------------------------------------------------------
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Cache:
+    """Read access to a workspace's DVC cache, fetching from its remote what is missing."""
+
+    def __init__(self, root: Path) -> None:
+        from dvc.repo import Repo
+
+        self.root = root
+        self.repo = Repo(str(root))
+        self.odb = self.repo.cache.local
+
+    def close(self) -> None:
+        self.repo.close()
+
+    def path(self, md5: str) -> Path:
+        return Path(self.odb.oid_to_path(md5))
+
+    def fetch(self, md5s: list[str]) -> None:
+        from dvc_data.hashfile.hash_info import HashInfo
+
+        try:
+            self.repo.cloud.pull([HashInfo("md5", m) for m in md5s])
+        except Exception as exc:  # noqa: BLE001 - no remote, remote unreachable, …
+            raise RestoreError(f"cannot fetch from the DVC remote: "
+                               f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+
+    def intact(self, md5: str) -> bool:
+        """The object exists and its content has its name (``.dir`` listings: the JSON text)."""
+        path = self.path(md5)
+        return path.is_file() and _md5(path) == md5.removesuffix(".dir")
+
+    def ensure(self, md5s: list[str], what: str) -> None:
+        """Every object intact in the cache: corrupt ones removed and re-fetched, missing ones
+        fetched; a :class:`RestoreError` naming ``what`` when no intact copy exists."""
+        bad = [m for m in md5s if not self.intact(m)]
+        if not bad:
+            return
+        for m in bad:
+            if self.path(m).exists():
+                os.chmod(self.path(m), 0o644)
+                self.path(m).unlink()  # corrupt: the remote's copy replaces it
+        self.fetch(bad)
+        still = [m for m in bad if not self.intact(m)]
+        if still:
+            raise RestoreError(f"{what}: no intact copy of DVC object {still[0]} in the cache or "
+                               f"on the remote ({len(still)} object(s) missing or corrupt)")
+
+    def materialise(self, md5: str, dest: Path, what: str) -> None:
+        """Write the file or directory with hash ``md5`` at ``dest``, verified."""
+        if md5.endswith(".dir"):
+            self.ensure([md5], what)
+            entries = json.loads(self.path(md5).read_text())
+            self.ensure([e["md5"] for e in entries], what)
+            dest.mkdir(parents=True)
+            for e in entries:
+                target = dest / e["relpath"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.path(e["md5"]), target)
+                if _md5(target) != e["md5"]:
+                    raise RestoreError(f"{what}: {e['relpath']} changed while being restored")
+        else:
+            self.ensure([md5], what)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.path(md5), dest)
+            if _md5(dest) != md5:
+                raise RestoreError(f"{what}: changed while being restored")
+
+
+@contextmanager
+def open_cache(root: Path) -> Iterator[Cache]:
+    cache = Cache(root)
     try:
-        found = cl.search_model_versions(f"name='{name}'")
-    except Exception:  # noqa: BLE001 - no registered model yet
-        return []
-    # search results carry no aliases: read each version fully
-    return sorted((cl.get_model_version(name, mv.version) for mv in found), key=lambda m: int(m.version))
+        yield cache
+    finally:
+        cache.close()
 
 
-def versions_table(workspace: str | Path, tracking_uri: str, name: str) -> list[dict[str, Any]]:
+def lock_cached_outs(lock_text: str) -> dict[str, str]:
+    """``{path: md5}`` of the DVC-cached outputs recorded in a dvc.lock."""
+    lock = yaml.safe_load(lock_text) or {}
+    outs = {}
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            outs[out["path"]] = out["md5"]
+    return outs
+
+
+# -- listing and lineage --------------------------------------------------------------------------
+def versions_table(params: Params) -> list[dict[str, Any]]:
     """Data versions, oldest first, each with the model versions trained on it."""
-    root = git_root(workspace)
-    champion = alias_version(tracking_uri, name, CHAMPION)
+    root = git_root(Path(params.versioning.workspace).expanduser())
+    uri, name = params.tracking_uri(), params.registry.model_name
+    champion = registry.alias_version(uri, name, registry.CHAMPION)
     champion_id = str(champion.version) if champion is not None else None
     by_data: dict[str, list[dict[str, Any]]] = {}
-    for mv in _model_versions(tracking_uri, name):
+    for mv in registry.model_versions(uri, name):
         tags = dict(mv.tags or {})
         entry = {"version": str(mv.version), "aliases": list(mv.aliases or []),
-                 "gate_passed": tags.get("gate.passed"), "gate_reasons": tags.get("gate.reasons"),
+                 "gate_passed": tags.get("gate.passed"), "state": tags.get(registry.STATE_TAG),
+                 "gate_reasons": tags.get("gate.reasons"),
                  "champion": str(mv.version) == champion_id}
-        by_data.setdefault(data_version_id(tags) or "", []).append(entry)
+        by_data.setdefault(tags.get("data_version") or "", []).append(entry)
     rows = []
     for v in list_versions(root):
         row = v.to_json()
+        row["input"] = (v.info or {}).get("input")
         row["model_versions"] = by_data.get(v.id, [])
         row["champion"] = any(m["champion"] for m in row["model_versions"])
         rows.append(row)
     return rows
+
+
+def lineage(params: Params, model_uri: str) -> dict[str, Any]:
+    """Everything a model version came from: input file hash, data version, summary hash, params
+    hash, code commit, flow run, MLflow run, aliases and gate verdict."""
+    if not model_uri.startswith("models:/"):
+        raise InputError(f"{model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    ref = model_uri[len("models:/"):]
+    uri = params.tracking_uri()
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        mv = registry.alias_version(uri, name, alias)
+        if mv is None:
+            raise InputError(f"{model_uri}: no such alias in the registry")
+    else:
+        name, _, version = ref.rpartition("/")
+        mv = registry.get_version(uri, name, version)
+    tags = dict(mv.tags or {})
+    return {
+        "model_uri": model_uri, "name": mv.name, "version": str(mv.version),
+        "aliases": list(mv.aliases or []),
+        "input": {"source": tags.get("input_source"), "sha256": tags.get("input_sha256")},
+        "data_version": tags.get("data_version"), "data_hash": tags.get("data_hash"),
+        "summary_hash": tags.get("summary_hash"), "params_hash": tags.get("params_hash"),
+        "git_commit": tags.get("git_commit"), "prefect_flow_run_id": tags.get("prefect_flow_run_id"),
+        "mlflow_run_id": mv.run_id,
+        "gate": {"passed": tags.get("gate.passed"), "metric": tags.get("gate.metric"),
+                 "reasons": (tags.get("gate.reasons") or "").splitlines(),
+                 "state": tags.get(registry.STATE_TAG), "promoted": tags.get("promoted")},
+        "refit": tags.get("refit"),
+    }
+
+
+# -- staging a version ----------------------------------------------------------------------------
+def stage_version(root: Path, version: DataVersion, staging: Path,
+                  only: Optional[list[str]] = None,
+                  hook: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Rebuild vN's files under ``staging`` (same relative paths as in the workspace), verified:
+    its DVC-cached outputs from the cache/remote, and its record's files (dvc.lock, reports)."""
+    files = version_files(root, version)
+    if "dvc.lock" not in files:
+        raise RestoreError(f"data version {version.id}: its record has no dvc.lock")
+    lock_text = files["dvc.lock"].decode()
+    # the metrics and plots (cache: false) come from the record itself, the rest from the cache
+    outs = {p: m for p, m in lock_cached_outs(lock_text).items() if p not in files}
+    if only is not None:
+        outs = {p: m for p, m in outs.items() if any(p.endswith(o) for o in only)}
+    with open_cache(root) as cache:
+        for n, (path, md5) in enumerate(sorted(outs.items())):
+            cache.materialise(md5, staging / path, f"data version {version.id} {path}")
+            if n == 0:
+                hook("fetch")  # midway through the restore
+    for rel, data in files.items():
+        if rel != "dvc.lock":
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            (staging / rel).write_bytes(data)
+    return {"lock": lock_text, "outs": sorted(outs), "files": sorted(r for r in files
+                                                                      if r != "dvc.lock")}
+
+
+def version_params(version: DataVersion, staging: Path, root: Path) -> Params:
+    """vN's effective params with its state/reports folders moved under ``staging``."""
+    used = dict((version.info or {}).get("params") or {})
+    if not used:
+        raise RestoreError(f"data version {version.id}: its record has no params (made by an "
+                           "older infrec): it cannot be refitted")
+    state_rel = _state_rel(version)
+    used["state_dir"] = str(staging / state_rel)
+    reports_rel = os.path.relpath(used.get("reports_dir") or "reports", root) if os.path.isabs(
+        used.get("reports_dir") or "") else (used.get("reports_dir") or "reports")
+    used["reports_dir"] = str(staging / reports_rel)
+    used["versioning"] = {**(used.get("versioning") or {}), "enabled": False}
+    return parse_params(used, f"data version {version.id} params")
+
+
+def _state_rel(version: DataVersion) -> str:
+    processed = next(p for p in version.outputs if p.endswith("data/processed"))
+    return processed[: -len("/data/processed")]
+
+
+# -- choosing and making the target -----------------------------------------------------------------
+def passed_versions(params: Params, version: DataVersion) -> list[Any]:
+    """Model versions trained on ``version``'s data whose gates passed, oldest first."""
+    out = []
+    for mv in registry.model_versions(params.tracking_uri(), params.registry.model_name):
+        tags = mv.tags or {}
+        if (tags.get("data_version") == version.id and tags.get("gate.passed") == "true"
+                and tags.get(registry.STATE_TAG) != registry.INCOMPLETE):
+            out.append(mv)
+    return out
+
+
+def _refit(params: Params, version: DataVersion, staged_params: Params,
+           log: Callable[[str], None], force: bool, reason: Optional[str]) -> tuple[str, Any, Optional[str]]:
+    """Refit on the staged data and gate it against the champion; register it only when it
+    passes (or is forced): ``(version, verdict, forced_by)``. A failing refit without ``force``
+    raises the refusal — nothing is registered or moved."""
+    from tasks import fit, promote, register
+    from tasks.data import load_dataset
+    from tasks.evaluate import summarise
+    from tasks.io import read_json
+
+    metric = staged_params.selection.metric
+    fitted = fit.run(staged_params, log=log)
+    paths = staged_params.paths()
+    evaluation = read_json(paths.evaluation, f"data version {version.id} evaluation")
+    evaluation = {k: v for k, v in evaluation.items() if k != "summary"}
+    evaluation["candidate"] = read_json(paths.model / "metrics.json", "the refit's metrics")
+    evaluation = {"summary": summarise(evaluation, metric), **evaluation}
+    write_json(paths.evaluation, evaluation)
+    dataset = load_dataset(paths.processed)
+    champion = promote.champion_comparison(params, None, dataset, dataset.data_version)
+    verdict = promote.decide(params, evaluation, champion)
+    log(f"refitted on {version.id}: test {metric} {fitted['test'][metric]:.2f}; gates "
+        f"{'PASS' if verdict.passed else 'FAIL'}")
+    if not verdict.passed and not force:
+        raise InputError(f"rollback to {version.id} refused: no gate-passed model was trained on "
+                         f"it and the refitted one fails its gates ({'; '.join(verdict.failures)})"
+                         "; nothing changed (use --force --reason ... to override)")
+    forced_by = None if verdict.passed else _who()
+    # the registry is the live one: the staged params only move where the files are read
+    registry.configure(params.tracking_uri(), params.registry.experiment,
+                       params.state_path() / "mlartifacts")
+    live = staged_params.model_copy(update={"registry": params.registry,
+                                            "tracking": params.tracking})
+    registered = register.run(live, {"version": {"version": version.id,
+                                                 "hashes": version.hashes()},
+                                     "input": (version.info or {}).get("input")}, log=log)
+    if registered["unchanged"]:
+        return registered["version"], verdict, forced_by
+    registry.set_version_tags(params.tracking_uri(), params.registry.model_name,
+                              registered["version"], {"refit": f"rollback to {version.id}"})
+    promote.record_verdict(params, registered["version"], verdict, registered["run_id"],
+                           forced_by=forced_by, force_reason=reason if forced_by else None)
+    return registered["version"], verdict, forced_by
+
+
+def name_version(params: Params, version: str) -> str:
+    return f"{params.registry.model_name} v{version}"
+
+
+def _who() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+# -- the swap, with a journal ---------------------------------------------------------------------
+def _journal_path(params: Params) -> Path:
+    return params.state_path() / JOURNAL
+
+
+def _swap_in(root: Path, staging: Path, backup: Path, rels: list[str],
+             hook: Callable[[str], None] = lambda _m: None) -> None:
+    """Move each workspace path aside into ``backup`` and the staged one into place."""
+    for n, rel in enumerate(rels):
+        if n == len(rels) // 2:
+            hook("checkout-midway")
+        live, staged, old = root / rel, staging / rel, backup / rel
+        old.parent.mkdir(parents=True, exist_ok=True)
+        if live.exists() or live.is_symlink():
+            os.replace(live, old)
+        live.parent.mkdir(parents=True, exist_ok=True)
+        _move(staged, live)
+
+
+def _move(src: Path, dst: Path) -> None:
+    try:
+        os.replace(src, dst)
+    except OSError:  # another file system: copy, then remove
+        if src.is_dir():
+            shutil.copytree(src, dst)
+            shutil.rmtree(src)
+        else:
+            shutil.copy2(src, dst)
+            src.unlink()
+
+
+def _undo_files(root: Path, backup: Path, rels: list[str]) -> None:
+    for rel in rels:
+        live, old = root / rel, backup / rel
+        if old.exists() or old.is_symlink():
+            if live.is_dir() and not live.is_symlink():
+                shutil.rmtree(live)
+            elif live.exists() or live.is_symlink():
+                live.unlink()
+            _move(old, live)
+        elif (backup / ".absent" / rel).exists():  # the path did not exist before
+            if live.is_dir() and not live.is_symlink():
+                shutil.rmtree(live)
+            elif live.exists():
+                live.unlink()
+
+
+def _restore_aliases(params: Params, before: dict[str, Optional[str]]) -> None:
+    uri, name = params.tracking_uri(), params.registry.model_name
+    for alias in registry.ALIASES:
+        registry.set_alias(uri, name, alias, before.get(alias))
+
+
+def recover_interrupted(params: Params, log: Optional[Callable[[str], None]] = None
+                        ) -> Optional[str]:
+    """Undo (or finish) a rollback a crash interrupted; remove stray staging folders. Returns
+    what was done. Call it holding the writer lock."""
+    log = log or say()
+    journal_file = _journal_path(params)
+    done = None
+    if journal_file.is_file():
+        try:
+            journal = json.loads(journal_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            journal = None
+        if journal is not None:
+            root, backup = Path(journal["root"]), Path(journal["backup"])
+            if journal.get("phase") == "committed":
+                done = f"finished the rollback to {journal['version']}"
+            else:
+                _undo_files(root, backup, journal["paths"])
+                _restore_aliases(params, journal["aliases"])
+                done = f"undid the interrupted rollback to {journal['version']}"
+            shutil.rmtree(journal["staging"], ignore_errors=True)
+        journal_file.unlink(missing_ok=True)
+    state = params.state_path()
+    if state.is_dir():
+        for stray in state.glob(f"{STAGING_PREFIX}*"):
+            shutil.rmtree(stray, ignore_errors=True)
+    if done:
+        log(done)
+    return done
 
 
 def _log_event(state_dir: Path, event: dict[str, Any]) -> None:
@@ -57,110 +407,82 @@ def _log_event(state_dir: Path, event: dict[str, Any]) -> None:
         fh.write(json.dumps(event, sort_keys=True) + "\n")
 
 
-def _refit(root: Path, version: Any, tracking_uri: str, name: str, state_dir: Path,
-           experiment: str, depth: int, lambdas: list[float]) -> Any:
-    """Fit ∞-AE on the restored processed data + summary of ``version``; register it, tagged."""
-    from models.metrics import METRIC_KEYS
-    from tasks.data import load_dataset
-    from tasks.fit import fit_dataset, save_model
-    from tasks.registry import log_run, metric_key, register
-
-    processed = next(p for p in version.outputs if p.endswith("processed"))
-    summary = next(p for p in version.outputs if p.endswith(".parquet"))
-    dataset = load_dataset(root / processed)
-    model, report = fit_dataset(dataset, support_path=root / summary, lambdas=lambdas, depth=depth)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    model_dir = state_dir / "runs" / f"rollback-{version.id}-{stamp}" / "model"
-    save_model(model, model_dir, dataset.item_ids, report, dataset.data_version)
-    metrics = {metric_key(split, k): report["metrics"][split][k]
-               for split in ("val", "test") for k in METRIC_KEYS}
-    tags = {"dvc_data_version": version.id, "data_version": dataset.data_version,
-            "dvc_hashes": json.dumps({p: o.get("md5") for p, o in version.outputs.items()},
-                                     sort_keys=True),
-            "refit": f"rollback to {version.id}"}
-    logged = log_run(tracking_uri=tracking_uri, experiment=experiment, artifact_root=None,
-                     run_name=f"refit-{version.id}", params={"lambda": model.lam, "depth": depth},
-                     metrics=metrics, histories={}, tags=tags, files=[], model_dir=model_dir)
-    new = register(tracking_uri, logged["model_uri"], name, tags)
-    return client(tracking_uri).get_model_version(name, new)
-
-
-def rollback(workspace: str | Path, version_id: str, tracking_uri: str, name: str,
-             state_dir: str | Path, reason: Optional[str] = None, *, experiment: str = "infrec",
-             depth: int = 1, lambdas: Optional[list[float]] = None) -> dict[str, Any]:
-    """Restore ``version_id``'s data and make the model trained on it the champion (atomically).
-
-    When no model version was trained on that data (deleted from the registry, say), ∞-AE is
-    refitted on the restored data and summary and registered first.
-    """
-    from models.infinite_ae import SUMMARY_LAMBDAS
-
-    root = git_root(workspace)
+def rollback(params: Params, version_id: str, reason: Optional[str] = None, *,
+             force: bool = False, log: Optional[Callable[[str], None]] = None,
+             _hook: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """Restore data version ``version_id`` and its gate-passed champion (see the module doc).
+    ``_hook(moment)`` is called at the moments a fault-injection test kills the process."""
+    log = log or say()
+    hook = _hook or (lambda moment: fault_point(f"rollback-{moment}"))
+    if force and not (reason and reason.strip()):
+        raise InputError("--force needs --reason (it is recorded with who forced the rollback)")
+    root = git_root(Path(params.versioning.workspace).expanduser())
     version = get_version(root, version_id)
-    trained = [mv for mv in _model_versions(tracking_uri, name)
-               if data_version_id(dict(mv.tags or {})) == version.id]
-    passed = [mv for mv in trained if (mv.tags or {}).get("gate.passed") == "true"]
-    target = (passed or trained)[-1] if trained else None
-    cl = client(tracking_uri)
-    old_champion = alias_version(tracking_uri, name, CHAMPION)
-    old_previous = alias_version(tracking_uri, name, PREVIOUS)
+    uri, name = params.tracking_uri(), params.registry.model_name
+    before = {alias: registry.alias_version(uri, name, alias) for alias in registry.ALIASES}
+    before_ids = {a: (str(mv.version) if mv is not None else None) for a, mv in before.items()}
+    state = params.state_path()
+    state.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version.id}-", dir=state))
+    try:
+        staged = stage_version(root, version, staging / "ws", hook=hook)
+        candidates = passed_versions(params, version)
+        refitted, forced_by, verdict = False, None, None
+        if candidates:
+            own = [mv for mv in candidates if (mv.tags or {}).get("prefect_flow_run_id")
+                   == (version.info or {}).get("flow_run_id")]
+            target = str((own or candidates)[-1].version)
+        else:
+            log(f"no gate-passed model version was trained on {version.id}: refitting ∞-AE on it")
+            staged_params = version_params(version, staging / "ws", root)
+            target, verdict, forced_by = _refit(params, version, staged_params, log, force, reason)
+            refitted = True
+        rels = staged["outs"] + staged["files"] + ["dvc.lock"]
+        (staging / "ws" / "dvc.lock").write_text(staged["lock"])
+        backup = staging / "old"
+        for rel in rels:  # remember which paths did not exist, so an undo removes them
+            if not (root / rel).exists():
+                (backup / ".absent" / rel).parent.mkdir(parents=True, exist_ok=True)
+                (backup / ".absent" / rel).touch()
+        journal = {"version": version.id, "root": str(root), "staging": str(staging),
+                   "backup": str(backup), "paths": rels, "aliases": before_ids,
+                   "target": target, "phase": "swapping"}
+        write_json(_journal_path(params), journal)
+        _swap_in(root, staging / "ws", backup, rels, hook)
+        hook("aliases")
+        if before_ids[registry.CHAMPION] != target:
+            registry.move_aliases(uri, name, target, promote=True)
+        registry.set_version_tags(uri, name, target, {
+            "promoted": "true", registry.STATE_TAG: registry.DECIDED,
+            "rollback.data_version": version.id,
+            "rollback.at": datetime.now(timezone.utc).replace(microsecond=0).isoformat()})
+        write_json(_journal_path(params), {**journal, "phase": "committed"})
+    except BaseException:
+        journal_file = _journal_path(params)
+        if journal_file.is_file():
+            recover_interrupted(params, log=lambda _m: None)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     at = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
-    with restored(root, version):
-        if target is None:
-            target = _refit(root, version, tracking_uri, name, Path(state_dir), experiment, depth,
-                            list(lambdas or SUMMARY_LAMBDAS))
-        try:
-            if old_champion is not None and str(old_champion.version) != str(target.version):
-                cl.set_registered_model_alias(name, PREVIOUS, old_champion.version)
-            cl.set_registered_model_alias(name, CHAMPION, target.version)
-            cl.set_model_version_tag(name, target.version, "rollback.at", at)
-            cl.set_model_version_tag(name, target.version, "rollback.data_version", version.id)
-            cl.set_registered_model_tag(name, "last_rollback", json.dumps(
-                {"at": at, "data_version": version.id, "version": str(target.version),
-                 "from_version": None if old_champion is None else str(old_champion.version),
-                 "by": os.environ.get("USER", "unknown"), "reason": reason}))
-        except BaseException:
-            # put the aliases back before restored() puts the data back
-            if old_champion is not None:
-                cl.set_registered_model_alias(name, CHAMPION, old_champion.version)
-            else:
-                _delete_alias(cl, name, CHAMPION)
-            if old_previous is not None:
-                cl.set_registered_model_alias(name, PREVIOUS, old_previous.version)
-            else:
-                _delete_alias(cl, name, PREVIOUS)
-            raise
-    event = {"event": "rollback", "at": at, "data_version": version.id,
-             "champion": str(target.version), "refitted": not trained,
-             "from_champion": None if old_champion is None else str(old_champion.version),
-             "reason": reason}
-    _log_event(Path(state_dir), event)
+    event = {"event": "rollback", "at": at, "data_version": version.id, "champion": target,
+             "refitted": refitted, "from_champion": before_ids[registry.CHAMPION],
+             "reason": reason, "by": _who(), "forced": forced_by is not None}
+    registry.client(uri).set_registered_model_tag(name, "last_rollback", json.dumps(event))
+    _log_event(state, event)
+    _journal_path(params).unlink(missing_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
     return event
 
 
-def _delete_alias(cl: Any, name: str, alias: str) -> None:
-    try:
-        cl.delete_registered_model_alias(name, alias)
-    except Exception:  # noqa: BLE001 - alias absent
-        pass
+def champion_history_dir(params: Params, data_version: str, dest: Path) -> Path:
+    """vN's processed data rebuilt (verified) under ``dest``: the history the champion was
+    trained on, without touching the workspace."""
+    root = git_root(Path(params.versioning.workspace).expanduser())
+    version = get_version(root, data_version)
+    stage_version(root, version, dest, only=["data/processed"])
+    return dest / next(p for p in lock_cached_outs(version_files(root, version)["dvc.lock"]
+                                                   .decode()) if p.endswith("data/processed"))
 
 
-def lineage(tracking_uri: str, model_uri: str) -> dict[str, Any]:
-    """Lineage tags of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
-    if not model_uri.startswith("models:/"):
-        raise InputError(f"{model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    ref = model_uri[len("models:/"):]
-    cl = client(tracking_uri)
-    try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            mv = cl.get_model_version_by_alias(name, alias)
-        else:
-            name, version = ref.rsplit("/", 1)
-            mv = cl.get_model_version(name, version)
-    except Exception as exc:  # noqa: BLE001 - MLflow's not-found errors
-        raise InputError(f"{model_uri}: not found in the registry ({type(exc).__name__})") from None
-    tags = dict(mv.tags or {})
-    return {"model_uri": model_uri, "name": mv.name, "version": str(mv.version), "run_id": mv.run_id,
-            "aliases": list(mv.aliases or []), "data_version": data_version_id(tags),
-            "tags": {k: v for k, v in sorted(tags.items())}}
+__all__ = ["rollback", "versions_table", "lineage", "recover_interrupted", "stage_version",
+           "champion_history_dir", "passed_versions", "RestoreError"]

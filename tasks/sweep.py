@@ -82,7 +82,7 @@ def evaluate_summary(data_dir: str, out_dir: str, sampler: str, budget: int, see
 
     out = Path(out_dir) / f"summary-{sampler}-b{int(budget)}-s{int(seed)}.parquet"
     report = distill_dataset(data_dir, out, sampler=sampler, budget=int(budget), seed=int(seed),
-                             progress=False, log_path=out.with_suffix(".log.jsonl"),
+                             log_path=out.with_suffix(".log.jsonl"),
                              **(options or {}))
     return {"sampler": sampler, "budget": int(budget), "seed": int(seed),
             "lambda": report["lambda"], "val": dict(report["val"]), "summary_path": str(out),

@@ -20,7 +20,7 @@ MODEL_NAME = "infrec-infae"
 SMALL_PARAMS: dict[str, Any] = {
     "generate": {"users": 400, "items": 200, "seed": 0},
     "distill": {"sampler": "distill-cf", "budget": 100, "seed": 0, "steps": 6, "samples": 8,
-                "options": {"eval_every": 3}},
+                "eval_every": 3},
     "evaluate": {"ease_lambdas": [10.0, 100.0, 500.0]},
     "gates": {"pop_margin": 0.0, "ease_fraction": 0.5, "champion_epsilon": 0.5,
               "fidelity_fraction": 0.5},
@@ -37,12 +37,14 @@ class FlowEnv:
 
     def params(self, **sections: dict[str, Any]):
         """Validated params: SMALL_PARAMS with some sections' keys overridden."""
-        from infrec.config import parse_params
+        from tasks.params import parse_params
 
         raw = {k: dict(v) for k, v in SMALL_PARAMS.items()}
+        raw["ingest"] = {"input": str(self.input_csv)}
         for name, values in sections.items():
             raw.setdefault(name, {}).update(values)
         raw["state_dir"] = str(self.state_dir)
+        raw["reports_dir"] = str(self.root / "reports")
         return parse_params(raw, "test params")
 
     def params_file(self, name: str, **sections: dict[str, Any]) -> Path:
@@ -93,8 +95,8 @@ def two_runs(flow_env):
     """Run 1 (lenient gates) → champion v1; run 2 (impossible fidelity gate) → challenger v2."""
     from flows.pipeline import run_pipeline
 
-    first = run_pipeline(flow_env.params(), flow_env.input_csv)
-    second = run_pipeline(flow_env.params(gates={"fidelity_fraction": 2.0}), flow_env.input_csv)
+    first = run_pipeline(flow_env.params())
+    second = run_pipeline(flow_env.params(gates={"fidelity_fraction": 2.0}))
     return first, second
 
 

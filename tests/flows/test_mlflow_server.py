@@ -64,7 +64,7 @@ def test_mlflow_server_tracks_and_proxies_artifacts(tmp_path):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"MLflow server not healthy:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        assert (state / "mlflow.db").is_file()  # the SQLite backend in the state dir
+        assert (tmp_path / "mlflow.db").is_file()  # the pipeline's default: the workspace's DB
 
         # the project's helper: a remote tracking URI gets the server's artifact location
         exp_id = registry.configure(url, "infrec-server-test", artifact_root=tmp_path / "unused")

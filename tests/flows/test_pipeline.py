@@ -75,10 +75,11 @@ def test_run_is_tracked_with_metrics_curves_plots_and_lineage(two_runs, flow_env
             assert f"{split}/{key}" in metrics
             assert f"poprec/{split}/{key}" in metrics and f"ease/{split}/{key}" in metrics
             assert f"reference/{split}/{key}" in metrics
-    assert metrics["val/ndcg_at_10"] == pytest.approx(first["fitted"]["val"]["ndcg@10"])
+    assert metrics["val/ndcg_at_10"] == pytest.approx(first["candidate"]["val"]["ndcg@10"])
     lam_path = cl.get_metric_history(first["run_id"], "lambda_path/val/ndcg_at_10")
     assert len(lam_path) == 6  # the summary λ grid
-    assert tags["data_version"] == first["data_version"]
+    assert tags["data_hash"] == first["data_version"]  # unversioned run: the content hash
+    assert run.info.run_name.startswith(first["data_version"] + "-")
     assert tags["summary_hash"] == first["summary_hash"]
     assert tags["prefect_flow_run_id"] == first["flow_run_id"]
     assert tags["git_commit"] and tags["gate.passed"] == "true"
@@ -91,7 +92,8 @@ def test_run_is_tracked_with_metrics_curves_plots_and_lineage(two_runs, flow_env
     assert names == {"plots/distill_curve.png", "plots/lambda_path.png"}
     mv = cl.get_model_version(MODEL_NAME, "1")
     assert mv.run_id == first["run_id"]
-    for tag in ("data_version", "summary_hash", "git_commit", "prefect_flow_run_id", "params_hash"):
+    for tag in ("data_hash", "summary_hash", "git_commit", "prefect_flow_run_id", "params_hash",
+                "input_sha256"):
         assert mv.tags[tag]
 
 
@@ -118,7 +120,7 @@ def test_status_json(two_runs, flow_env, restore_environ):
     assert info["tracking_uri"] == flow_env.tracking_uri
     assert info["champion"]["version"] == "1"
     assert info["champion"]["data_version"] == two_runs[0]["data_version"]
-    expected = two_runs[0]["fitted"]["test"]["ndcg@10"]
+    expected = two_runs[0]["candidate"]["test"]["ndcg@10"]
     assert info["champion"]["test"]["ndcg@10"] == pytest.approx(expected)
     last = info["last_run"]
     assert last["version"] == "2" and last["promoted"] is False

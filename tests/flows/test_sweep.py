@@ -87,7 +87,7 @@ def test_summary_sweep_matches_distill_dataset(data_dir, tmp_path):
     assert sorted(points) == [(40, 0), (40, 1), (80, 0), (80, 1)]
     for (budget, seed), point in points.items():
         ref = distill_dataset(data_dir, tmp_path / f"seq-{budget}-{seed}.parquet", sampler="random",
-                              budget=budget, seed=seed, progress=False)
+                              budget=budget, seed=seed)
         assert point["lambda"] == ref["lambda"]
         assert point["val"] == pytest.approx(ref["val"], **TOL)
     by_budget = {b["budget"]: b for b in result["by_budget"]}

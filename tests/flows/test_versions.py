@@ -1,179 +1,267 @@
-"""Issue 5: DVC data versions and rollback of data + champion, in a temporary git repository with a
-real DVC local remote, real Prefect (test harness) and real MLflow on SQLite."""
+"""A user's own log, versioned on every run, and a rollback that can be trusted — walked the way
+the README tells a user: the `infrec` CLI in a real temporary git + DVC workspace with a real
+local DVC remote, MLflow on SQLite in the workspace (MLflow's default place), a real Prefect
+server; the log file at a fixed path outside the workspace, growing between runs.
+
+Two stories share their workspaces across the tests of this module, in order: a daily log named
+by ``ingest.input`` (``story``), and the same log given as ``infrec run --input`` (``spelt``)."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import signal
 import subprocess
-import sys
-from pathlib import Path
+import time
 
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-MODEL_NAME = "infrec-infae"
-# the project's params.yaml (every key dvc.yaml lists) with small, fast, lenient settings
-OVERRIDES = {
-    "state_dir": ".infrec",
-    "generate": {"users": 300, "items": 120, "seed": 0},
-    "ingest": {"seed": 0},
-    "distill": {"sampler": "random", "budget": 60, "seed": 0, "steps": 0, "samples": 8},
-    "fit": {"summary_lambdas": [0.1, 1.0, 5.0, 50.0]},
-    "evaluate": {"ease_lambdas": [10.0, 100.0]},
-    "gates": {"pop_margin": -100.0, "ease_fraction": 0.0, "champion_epsilon": 100.0,
-              "fidelity_fraction": 0.0},
-    "registry": {"model_name": MODEL_NAME, "experiment": "infrec-versions-test"},
-    "versioning": {"enabled": True, "workspace": "."},
-}
+from tasks import registry
+from tests.helpers import (BIN, STRICT_GATES, last_json, make_workspace, prefect_server,
+                           write_log)
+
+pytestmark = pytest.mark.slow
+MODEL = "infrec-infae"
+DATA = ".infrec/data"
 
 
-def ws_params() -> dict:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for key, value in OVERRIDES.items():
-        if isinstance(value, dict):
-            raw.setdefault(key, {}).update(value)
+@pytest.fixture(scope="module")
+def api_url(tmp_path_factory):
+    with prefect_server(tmp_path_factory.mktemp("versions-prefect")) as url:
+        yield url
+
+
+def _snapshot(ws) -> dict[str, bytes]:
+    return {**ws.tree(f"{DATA}/input"), **ws.tree(f"{DATA}/processed"),
+            **ws.tree(f"{DATA}/summary.parquet"), **ws.tree("dvc.lock"), **ws.tree("reports")}
+
+
+def _versions(ws, cli: bool = False) -> list[dict]:
+    """`infrec versions --json` (``cli``), or the same table read in this process."""
+    if cli:
+        return json.loads(ws.infrec("versions", "--json").stdout)
+    import os
+
+    from tasks.params import load_params
+    from tasks.rollback import versions_table
+
+    cwd, before = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = ws.tracking_uri
+    os.chdir(ws.root)
+    try:
+        rows = versions_table(load_params(ws.root / "params.yaml"))
+    finally:
+        os.chdir(cwd)
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
         else:
-            raw[key] = value
-    return raw
+            os.environ["MLFLOW_TRACKING_URI"] = before
+    return [{k: v for k, v in r.items() if k != "info"} for r in rows]
 
 
-def sh(cwd: Path, *args: str, env: dict | None = None) -> str:
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, f"{args}: {proc.stderr[-2000:]}"
-    return proc.stdout + proc.stderr
+class Story:
+    """A daily log: day 1 → v1, day 2 (more rows) → v2, day 3 (same content) → no version."""
+
+    def __init__(self, root, api_url, spelling):
+        self.log = write_log(root / "logs" / "ratings.csv", users=400)
+        if spelling == "ingest.input":
+            self.ws = make_workspace(root, api_url, ingest={"input": str(self.log)})
+            self.run_args = ("run",)
+        else:
+            self.ws = make_workspace(root, api_url)
+            self.run_args = ("run", "--input", str(self.log))
+        self.day1 = self.ws.infrec(*self.run_args)
+        self.v1, self.v1_log = _snapshot(self.ws), self.log.read_bytes()
+        write_log(self.log, users=400, extra_rows=150)
+        self.day2 = self.ws.infrec(*self.run_args)
+        self.v2 = _snapshot(self.ws)
 
 
-def make_workspace(root: Path, remote: Path) -> Path:
-    """A git + DVC workspace holding the project's dvc.yaml, code (stage deps) and small params."""
-    ws = root / "ws"
-    ws.mkdir()
-    for name in ("models", "tasks"):
-        shutil.copytree(REPO / name, ws / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", ws / "dvc.yaml")
-    (ws / "params.yaml").write_text(yaml.safe_dump(ws_params()))
-    (ws / ".gitignore").write_text(".infrec/\n")
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    sh(ws, "git", "init", "-q", "-b", "main")
-    sh(ws, sys.executable, "-m", "dvc", "init", "-q")
-    sh(ws, sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(remote))
-    sh(ws, "git", "add", "-A")
-    sh(ws, *git, "commit", "-qm", "workspace")
-    return ws
+@pytest.fixture(scope="module")
+def story(tmp_path_factory, api_url):
+    return Story(tmp_path_factory.mktemp("story"), api_url, "ingest.input")
 
 
-def set_generate_seed(ws: Path, seed: int) -> None:
-    raw = yaml.safe_load((ws / "params.yaml").read_text())
-    raw["generate"]["seed"] = seed
-    (ws / "params.yaml").write_text(yaml.safe_dump(raw))
+@pytest.fixture(scope="module")
+def spelt(tmp_path_factory, api_url):
+    return Story(tmp_path_factory.mktemp("spelt"), api_url, "--input")
 
 
-def snapshot(ws: Path) -> dict[str, bytes]:
-    files = sorted((ws / ".infrec/data/processed").iterdir()) + [ws / ".infrec/data/summary.parquet"]
-    return {f.name: f.read_bytes() for f in files}
+def test_each_changed_log_is_a_new_version_and_unchanged_content_makes_none(story):
+    ws = story.ws
+    assert "data v1" in story.day1.stdout and "PROMOTED" in story.day1.stdout
+    assert "data v2" in story.day2.stdout and story.v2 != story.v1
+    assert ws.tree(f"{DATA}/input") == {f"{DATA}/input/ratings.csv": story.log.read_bytes()}
+    same = ws.infrec(*story.run_args)
+    assert "data v2" in same.stdout or "unchanged" in same.stdout  # no new data version
+    if registry.git_commit().endswith("+dirty"):  # uncommitted code: a candidate of its own
+        assert "registered: infrec-infae version 3" in same.stdout
+    else:  # same data, summary, params and clean code as the champion: nothing registered
+        assert "unchanged" in same.stdout and "nothing registered" in same.stdout
+    versions = _versions(ws, cli=True)
+    assert [v["version"] for v in versions] == ["v1", "v2"]
+    assert [m["version"] for m in versions[0]["model_versions"]] == ["1"]
+    assert versions[1]["champion"] and versions[1]["input"]["name"] == "ratings.csv"
+    assert versions[0]["input"]["sha256"] != versions[1]["input"]["sha256"]
+    assert "up to date" in ws.dvc("status").lower()
 
 
-def run_in(ws: Path, monkeypatch) -> dict:
-    from flows.pipeline import run_pipeline
-    from infrec.config import load_params
-
-    monkeypatch.chdir(ws)
-    monkeypatch.setenv("INFREC_STATE_DIR", str(ws / ".infrec"))
-    return run_pipeline(load_params(ws / "params.yaml").resolved())
+def test_both_spellings_give_the_same_versions(story, spelt):
+    a, b = _versions(story.ws), _versions(spelt.ws)
+    assert [v["hashes"] for v in a] == [v["hashes"] for v in b]
+    assert str(spelt.log) in (spelt.ws.root / "params.yaml").read_text()  # DVC's record reads it
 
 
-def champion(tracking_uri: str) -> str:
-    from mlflow import MlflowClient
-
-    return str(MlflowClient(tracking_uri).get_model_version_by_alias(MODEL_NAME, "champion").version)
-
-
-@pytest.mark.slow
-def test_versions_rollback_fresh_clone_and_failed_rollback(flow_env, tmp_path, monkeypatch):
-    from tasks.rollback import lineage, rollback, versions_table
-    from tasks.versioning import VersioningError
-
-    remote = tmp_path / "remote"
-    ws = make_workspace(tmp_path, remote)
-    head = sh(ws, "git", "rev-parse", "HEAD")
-    uri = flow_env.tracking_uri
-
-    first = run_in(ws, monkeypatch)
-    assert first["data_version"] == "v1" and first["promoted"]
-    v1_files, v1_model = snapshot(ws), first["version"]
-    set_generate_seed(ws, 1)
-    second = run_in(ws, monkeypatch)
-    assert second["data_version"] == "v2" and second["promoted"]
-    v2_files, v2_model = snapshot(ws), second["version"]
-    assert v1_files != v2_files and champion(uri) == v2_model
-    # versions were recorded without moving the working branch
-    assert sh(ws, "git", "rev-parse", "HEAD") == head
-
-    table = versions_table(ws, uri, MODEL_NAME)
-    assert [r["version"] for r in table] == ["v1", "v2"]
-    assert [m["version"] for m in table[0]["model_versions"]] == [v1_model]
-    assert table[1]["champion"] and not table[0]["champion"]
-    assert lineage(uri, f"models:/{MODEL_NAME}@champion")["data_version"] == "v2"
-    tags = lineage(uri, f"models:/{MODEL_NAME}/{v1_model}")["tags"]
-    for key in ("dvc_data_version", "dvc_hashes", "git_commit", "params_hash", "prefect_flow_run_id"):
-        assert tags.get(key), key
-
-    # rollback v1: data byte-identical to v1's, champion is v1's model
-    event = rollback(ws, "v1", uri, MODEL_NAME, ws / ".infrec")
-    assert event["champion"] == v1_model and event["from_champion"] == v2_model
-    assert snapshot(ws) == v1_files and champion(uri) == v1_model
-    assert json.loads((ws / ".infrec" / "version_log.jsonl").read_text().splitlines()[-1])["data_version"] == "v1"
-
-    # a rollback that fails midway (remote unreachable, cache gone) changes nothing
-    shutil.rmtree(ws / ".dvc" / "cache")
-    moved = tmp_path / "remote-offline"
-    remote.rename(moved)
-    before = snapshot(ws), (ws / "dvc.lock").read_text()
-    with pytest.raises(VersioningError):
-        rollback(ws, "v2", uri, MODEL_NAME, ws / ".infrec")
-    assert (snapshot(ws), (ws / "dvc.lock").read_text()) == before and champion(uri) == v1_model
-    moved.rename(remote)
-
-    # a fresh clone with no DVC cache restores v2 from the remote alone
-    clone = tmp_path / "clone"
-    sh(tmp_path, "git", "clone", "-q", str(ws), str(clone))
-    assert not (clone / ".dvc" / "cache").exists()
-    event = rollback(clone, "v2", uri, MODEL_NAME, clone / ".infrec")
-    assert snapshot(clone) == v2_files and champion(uri) == v2_model
-
-    # no model version left for v1 (deleted): rollback refits on the restored data and registers
-    from mlflow import MlflowClient
-
-    MlflowClient(uri).delete_model_version(MODEL_NAME, v1_model)
-    event = rollback(ws, "v1", uri, MODEL_NAME, ws / ".infrec", experiment="infrec-versions-test")
-    assert event["refitted"] and event["champion"] not in (v1_model, v2_model)
-    assert snapshot(ws) == v1_files and champion(uri) == event["champion"]
-    refit_tags = lineage(uri, f"models:/{MODEL_NAME}@champion")["tags"]
-    assert refit_tags["dvc_data_version"] == "v1" and refit_tags["refit"] == "rollback to v1"
+def test_kill_9_during_rollback_leaves_one_consistent_version(story):
+    """SIGKILL of `infrec rollback` midway through the restore, midway through swapping the
+    files in, before and during the alias moves: the next writer finds data, dvc.lock, reports
+    and aliases all at the old version and no restore folder."""
+    ws = story.ws
+    before, aliases = _snapshot(ws), ws.aliases()
+    for moment in ("rollback-fetch", "rollback-checkout-midway", "rollback-aliases",
+                   "alias-move"):
+        killed = ws.infrec("rollback", "v1", check=False, env=ws.env(INFREC_FAULT=moment))
+        assert killed.returncode == -signal.SIGKILL, (moment, killed.stderr[-2000:])
+        ws.infrec("promote", aliases["champion"], check=False)  # the next writer recovers
+        assert _snapshot(ws) == before, moment
+        assert ws.aliases() == aliases, moment
+        assert not list((ws.root / ".infrec").glob(".restore-*")), moment
+        assert not (ws.root / ".infrec" / "rollback.journal.json").exists(), moment
+    assert "up to date" in ws.dvc("status").lower()
 
 
-@pytest.mark.slow
-def test_dvc_repro_metrics_and_plots(tmp_path):
-    """dvc repro runs the stage commands; unchanged → no stage; a fit.* change → fit + evaluate."""
-    ws = make_workspace(tmp_path, tmp_path / "remote")
-    env = dict(os.environ, DVC_NO_ANALYTICS="1",
-               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
-    env.pop("INFREC_STATE_DIR", None)
-    dvc = [sys.executable, "-m", "dvc"]
-    out = sh(ws, *dvc, "repro", env=env)
-    for stage in ("generate", "ingest", "distill", "fit", "evaluate"):
-        assert f"Running stage '{stage}'" in out
-    out = sh(ws, *dvc, "repro", env=env)
-    assert "Running stage" not in out
-    raw = yaml.safe_load((ws / "params.yaml").read_text())
-    raw["fit"]["depth"] = 2
-    (ws / "params.yaml").write_text(yaml.safe_dump(raw))
-    out = sh(ws, *dvc, "repro", env=env)
-    ran = {s for s in ("generate", "ingest", "distill", "fit", "evaluate") if f"Running stage '{s}'" in out}
-    assert ran == {"fit", "evaluate"}
-    metrics = sh(ws, *dvc, "metrics", "show", "--json", env=env)
-    assert "ndcg@10" in metrics and "fidelity_ndcg@10" in metrics
-    plots = sh(ws, *dvc, "plots", "show", "--json", env=env)
-    assert "distill_log.csv" in plots and "lambda_path" in plots
+def test_rollback_restores_v1_exactly_with_its_gate_passed_model(story):
+    ws = story.ws
+    back = ws.infrec("rollback", "v1", "--reason", "bad import on day 2")
+    assert "rolled back to data v1" in back.stdout
+    assert "champion is now infrec-infae version 1" in back.stdout
+    assert _snapshot(ws) == story.v1  # input snapshot, processed data, summary, lock, reports
+    assert story.log.read_bytes() != story.v1_log  # the user's own log was not touched
+    tags = ws.version_tags("1")
+    assert tags["data_version"] == "v1" and tags["gate.passed"] == "true"
+    assert ws.aliases()["champion"] == "1"
+    assert "up to date" in ws.dvc("status").lower()
+    assert not list(ws.root.glob(".infrec-restore-*"))
+    lineage = json.loads(ws.infrec("lineage").stdout)
+    assert lineage["version"] == "1" and lineage["data_version"] == "v1"
+    assert lineage["input"]["sha256"] == _versions(ws)[0]["input"]["sha256"]
+    for key in ("summary_hash", "params_hash", "git_commit", "prefect_flow_run_id",
+                "mlflow_run_id"):
+        assert lineage[key], key
+    assert lineage["gate"]["passed"] == "true"
+
+
+def test_the_same_through_input(spelt):
+    ws = spelt.ws
+    ws.infrec("rollback", "v1")
+    assert _snapshot(ws) == spelt.v1
+    assert ws.aliases()["champion"] == "1"
+    assert "up to date" in ws.dvc("status").lower()
+
+
+def test_recommend_user_takes_history_from_the_champions_data(story):
+    """The champion (trained on v1 after the rollback) answers `--user` from v1's data even
+    when the workspace holds newer data (a rejected run on day 2's log)."""
+    from tasks.data import load_dataset
+
+    ws = story.ws
+    v1_data = load_dataset(ws.root / DATA / "processed")
+    strict = ws.write_params("strict.yaml", ingest={"input": str(story.log)}, gates=STRICT_GATES)
+    ws.infrec("run", "--params", str(strict))
+    assert ws.aliases()["champion"] == "1"
+    now = load_dataset(ws.root / DATA / "processed")
+    count = dict(zip(v1_data.user_ids.tolist(),
+                     (v1_data.train + v1_data.val + v1_data.test).getnnz(axis=1).tolist()))
+    count_now = dict(zip(now.user_ids.tolist(),
+                         (now.train + now.val + now.test).getnnz(axis=1).tolist()))
+    user = next(u for u in count if count_now.get(u, count[u]) != count[u])
+    out = last_json(ws.infrec("recommend", "--user", str(user), "--json"))
+    assert out["version"] == "1" and out["history_size"] == count[user]
+    latest = registry.latest_version(ws.tracking_uri, MODEL)
+    assert ws.version_tags(latest)["gate.passed"] == "false"  # judged by strict.yaml's gates
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory, api_url):
+    root = tmp_path_factory.mktemp("refusals")
+    log = write_log(root / "logs" / "ratings.csv", users=300)
+    ws = make_workspace(root, api_url, ingest={"input": str(log)}, gates=STRICT_GATES)
+    rejected = ws.infrec("run")
+    write_log(log, users=300, extra_rows=100)
+    lenient = ws.write_params("lenient.yaml", ingest={"input": str(log)})
+    ws.infrec("run", "--params", str(lenient))
+    return ws, rejected
+
+
+def test_rollback_to_data_whose_models_all_failed_is_refused(refusals):
+    ws, rejected = refusals
+    assert "REJECTED" in rejected.stdout
+    assert ws.aliases()["champion"] == "2" and ws.version_tags("1")["gate.passed"] == "false"
+    before = _snapshot(ws), ws.aliases(), len(ws.client().search_model_versions(f"name='{MODEL}'"))
+    # v1's only model failed its gates: rollback refits, gates it, and refuses — nothing changed
+    refused = ws.infrec("rollback", "v1", check=False)
+    assert refused.returncode == 2
+    errors = [ln for ln in refused.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "refused" in errors[0] and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == errors[0]
+    assert (_snapshot(ws), ws.aliases(),
+            len(ws.client().search_model_versions(f"name='{MODEL}'"))) == before
+    # the same through `infrec promote`: a failed version is not promoted without --force
+    assert ws.infrec("promote", "1", check=False).returncode == 1
+    assert ws.aliases()["champion"] == "2"
+
+
+def test_rollback_waits_for_the_writer_lock_and_fails_cleanly(refusals):
+    ws, _ = refusals
+    before = _snapshot(ws), ws.aliases()
+    holder = subprocess.Popen(
+        [str(BIN / "python"), "-c",
+         "import time; from tasks.concurrency import writer_lock; "
+         "from tasks.params import load_params; cm = writer_lock(load_params('params.yaml')); "
+         "cm.__enter__(); print('held', flush=True); time.sleep(120)"],
+        cwd=ws.root, env=ws.env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        res = ws.infrec("rollback", "v1", "--force", "--reason", "x", "--wait", "3", check=False)
+        assert res.returncode == 2 and time.monotonic() - t0 >= 3
+        assert "writer lock" in res.stderr and res.stderr.strip().count("\n") == 0
+        assert (_snapshot(ws), ws.aliases()) == before
+        holder.send_signal(signal.SIGKILL)  # a killed holder's lock is released at once
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+
+
+def test_forced_rollback_is_recorded(refusals):
+    ws, _ = refusals
+    forced = ws.infrec("rollback", "v1", "--force", "--reason", "known good day", "--wait", "60")
+    champion = ws.aliases()["champion"]
+    tags = ws.version_tags(champion)
+    assert tags["refit"] == "rollback to v1" and tags["data_version"] == "v1"
+    assert tags["promotion.reason"] == "known good day" and tags["promotion.forced_by"]
+    assert tags["gate.passed"] == "false" and "FORCED" in forced.stdout
+    event = json.loads((ws.root / ".infrec" / "version_log.jsonl").read_text().splitlines()[-1])
+    assert event["reason"] == "known good day" and event["forced"]
+
+
+def test_small_log_caps_the_budget_and_runs_end_to_end(refusals, tmp_path):
+    ws, _ = refusals
+    log = write_log(tmp_path / "tiny.csv", users=40, items=120)
+    big = ws.write_params("big-budget.yaml", distill={"budget": 500})
+    res = ws.infrec("run", "--input", str(log), "--params", str(big))
+    assert "capped at" in res.stderr + res.stdout
+    report = json.loads((ws.root / "reports" / "distill.json").read_text())
+    assert report["budget_requested"] == 500 and report["budget"] <= 40
+    # the new data version records the params actually used (--input and --params big.yaml) …
+    newest = _versions(ws)[-1]
+    record = json.loads(ws.git("show", f"refs/tags/data/{newest['version']}:version.json"))
+    assert record["info"]["params"]["distill"]["budget"] == 500
+    assert record["info"]["params"]["ingest"]["input"] == str(log)
+    assert record["info"]["input"]["name"] == "tiny.csv"
+    # … and so does dvc.lock, so DVC tells the truth: params.yaml is not what produced them
+    lock = ws.git("show", f"refs/tags/data/{newest['version']}:dvc.lock")
+    assert "budget: 500" in lock and str(log) in lock
+    assert "budget: 500" in (ws.root / "dvc.lock").read_text()
+    status = ws.dvc("status")
+    assert "params.yaml" in status and "modified:           distill" in status

@@ -1,4 +1,5 @@
-"""`infrec fit`: model directory, metrics.json, reload in a new process, bad input, real data."""
+"""The fit stage: model directory, reports, λ by the selection metric, reload in a new process,
+bad input as one line, and ∞-AE on ML-1M reproducing the reference."""
 
 import json
 import subprocess
@@ -11,106 +12,149 @@ import pytest
 from models.metrics import METRIC_KEYS
 from tasks.data import load_dataset
 from tasks.errors import InputError
-from tasks.fit import fit, load_model
+from tasks.fit import fit_dataset
+from tasks.model_store import load_model, save_model
+from tasks.params import parse_params
 
 REPO = Path(__file__).resolve().parents[2]
-INFREC = [sys.executable, "-m", "infrec.cli"]
+from tests.helpers import clean_env  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def processed(tmp_path_factory):
-    from tasks.ingest import ingest
-    from tasks.synthetic import write_synthetic
+def stage_params(tmp_path_factory):
+    """Params of a small state: generated data, ingested, a random-users summary."""
+    from tasks import distill, ingest
 
-    root = tmp_path_factory.mktemp("fitdata")
-    write_synthetic(root / "raw.csv", n_users=400, n_items=150, seed=3)
-    ingest(root / "raw.csv", root / "processed", seed=0)
-    return root / "processed"
+    root = tmp_path_factory.mktemp("fitstage")
+    p = parse_params({"state_dir": str(root / "state"), "reports_dir": str(root / "reports"),
+                      "generate": {"users": 400, "items": 150, "seed": 3},
+                      "distill": {"sampler": "random", "budget": 80, "steps": 0},
+                      "fit": {"summary_lambdas": [1, 5, 20]}})
+    quiet = lambda _m: None  # noqa: E731
+    ingest.run(p, log=quiet)
+    distill.run(p, log=quiet)
+    return p
 
 
 @pytest.fixture(scope="module")
-def fitted(processed, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fitmodel") / "model"
-    proc = subprocess.run(
-        [*INFREC, "fit", "--data", str(processed), "--out", str(out), "--lambdas", "1,5,20", "--quiet"],
-        capture_output=True, text=True, cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return out, json.loads(proc.stdout.strip().splitlines()[-1])
+def fitted(stage_params):
+    """`infrec fit --params` in a new process, as dvc.yaml runs it."""
+    path = Path(stage_params.state_dir).parent / "params.yaml"
+    path.write_text(json.dumps(stage_params.to_dict()))
+    proc = subprocess.run([sys.executable, "-m", "infrec", "fit", "--params", str(path), "-q"],
+                          capture_output=True, text=True, cwd=REPO,
+                          env=clean_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return stage_params.paths(), json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_fit_writes_model_and_metrics(fitted):
-    out, printed = fitted
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics == printed
-    assert set(metrics) == {"lambda", "val", "test"}
+def test_fit_writes_model_reports_and_plot(fitted):
+    paths, printed = fitted
+    metrics = json.loads(paths.metrics.read_text())
+    assert metrics == printed == json.loads((paths.model / "metrics.json").read_text())
     assert metrics["lambda"] in (1.0, 5.0, 20.0)
     for split in ("val", "test"):
         assert list(metrics[split]) == list(METRIC_KEYS)
         assert 0 < metrics[split]["hr@100"] <= 100 and 0.5 < metrics[split]["auc"] <= 1
-    path = json.loads((out / "lambda_path.json").read_text())
+    path = json.loads(paths.lambda_path.read_text())
     assert [p["lambda"] for p in path] == [1.0, 5.0, 20.0]
-    chosen = max(path, key=lambda p: p["hr@100"])
-    assert chosen["lambda"] == metrics["lambda"]
-    assert not list(out.parent.glob(".model.tmp-*"))
+    # λ is chosen by selection.metric (ndcg@10 by default), the first best in grid order
+    best = max(p["ndcg@10"] for p in path)
+    assert metrics["lambda"] == next(p["lambda"] for p in path if p["ndcg@10"] == best)
+    assert (paths.plots / "lambda_path.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in paths.model.iterdir()) == [
+        "alpha.npy", "item_map.parquet", "lambda_path.json", "metrics.json", "model.json",
+        "support.npy"]
+    assert not list(paths.model.parent.glob(".model.tmp-*"))
 
 
-def test_reloaded_model_gives_identical_top10_in_new_process(fitted, processed):
-    out, _ = fitted
-    model, items, info = load_model(out)
-    ds = load_dataset(processed)
+def test_model_files_are_reproducible(stage_params, tmp_path):
+    """Same fit → same bytes (no timestamps): the model's DVC hash is reproducible."""
+    from tasks.io import content_hash
+
+    ds = load_dataset(stage_params.paths().processed)
+    dirs = []
+    for i in range(2):
+        model, report = fit_dataset(ds, lambdas=[1, 5], select_metric="ndcg@10",
+                                    support_path=stage_params.paths().summary)
+        dirs.append(save_model(model, tmp_path / f"m{i}", ds.item_ids, report, ds.data_version))
+    assert content_hash(dirs[0]) == content_hash(dirs[1])
+
+
+def test_reloaded_model_gives_identical_top10_in_new_process(fitted, stage_params):
+    paths, _ = fitted
+    model, items, _ = load_model(paths.model)
+    ds = load_dataset(paths.processed)
     assert np.array_equal(items, ds.item_ids)
     here, _ = model.recommend(ds.train[:50], k=10)
     code = (
-        "import sys, numpy as np; from tasks.fit import load_model; from tasks.data import load_dataset;"
-        f"m,_,_=load_model({str(out)!r}); d=load_dataset({str(processed)!r});"
+        "import sys, numpy as np; from tasks.model_store import load_model;"
+        "from tasks.data import load_dataset;"
+        f"m,_,_=load_model({str(paths.model)!r}); d=load_dataset({str(paths.processed)!r});"
         "np.save(sys.stdout.buffer, m.recommend(d.train[:50], k=10)[0])"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     import io
 
-    there = np.load(io.BytesIO(proc.stdout))
-    np.testing.assert_array_equal(here, there)
+    np.testing.assert_array_equal(here, np.load(io.BytesIO(proc.stdout)))
 
 
-def test_fit_refuses_existing_output_and_bad_data_dir(processed, fitted, tmp_path):
-    out, _ = fitted
-    with pytest.raises(InputError, match="already exists"):
-        fit(processed, out)
-    proc = subprocess.run(
-        [*INFREC, "fit", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "m")],
-        capture_output=True, text=True, cwd=REPO,
-    )
+def test_selection_metric_decides_lambda(stage_params):
+    ds = load_dataset(stage_params.paths().processed)
+    chosen = {}
+    for metric in ("hr@100", "ndcg@10", "auc"):
+        model, report = fit_dataset(ds, lambdas=[1e-5, 1, 5, 20, 100], select_metric=metric,
+                                    support_path=stage_params.paths().summary)
+        path = report["lambda_path"]
+        best = max(p[metric] for p in path)
+        assert model.lam == next(p["lambda"] for p in path if p[metric] == best)
+        chosen[metric] = model.lam
+    assert report["select_metric"] == "auc"
+
+
+def test_missing_inputs_are_one_line_errors(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"state_dir": str(tmp_path / "state"),
+                                  "reports_dir": str(tmp_path / "reports")}))
+    proc = subprocess.run([sys.executable, "-m", "infrec", "fit", "--params", str(params)],
+                          capture_output=True, text=True, cwd=REPO,
+                          env=clean_env())
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "nope" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "m").exists()
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "processed" in proc.stderr
+    assert not (tmp_path / "state" / "model").exists()
 
 
-def test_fit_bad_lambda_option_is_one_line(processed, tmp_path):
-    proc = subprocess.run(
-        [*INFREC, "fit", "--data", str(processed), "--out", str(tmp_path / "m"), "--lambdas", "a,b"],
-        capture_output=True, text=True, cwd=REPO,
-    )
-    assert proc.returncode == 2 and "--lambdas" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "m").exists()
+def test_truncated_model_is_one_line(fitted, tmp_path):
+    import shutil
+
+    paths, _ = fitted
+    broken = tmp_path / "model"
+    shutil.copytree(paths.model, broken)
+    data = (broken / "alpha.npy").read_bytes()
+    (broken / "alpha.npy").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="cannot load the model") as err:
+        load_model(broken)
+    assert "\n" not in str(err.value)
 
 
-def test_user_support_sample(processed, tmp_path):
-    report = fit(processed, tmp_path / "m", user_support=0.5, lambdas=[1, 5])
-    info = json.loads((tmp_path / "m" / "model.json").read_text())
-    assert info["support"]["kind"] == "user_sample" and info["n_support"] == report["support"]["rows"]
-    assert info["n_support"] == round(0.5 * load_dataset(processed).n_users)
+def test_user_support_sample(stage_params):
+    ds = load_dataset(stage_params.paths().processed)
+    model, report = fit_dataset(ds, user_support=0.5, lambdas=[1, 5])
+    assert report["support"]["kind"] == "user_sample"
+    assert model.support.shape[0] == round(0.5 * ds.n_users)
 
 
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_ml1m_reproduces_paper_figures(ml1m_path, tmp_path):
-    """∞-AE on all ML-1M users: test nDCG@10 / HR@10 within 0.5 of the benchmark (33.39 / 31.91)."""
+    """∞-AE on all ML-1M users, λ by validation HR@100 (the paper's rule): test nDCG@10 / HR@10
+    within 0.5 of the reference (33.39 / 31.91)."""
     from tasks.ingest import ingest
 
     ingest(ml1m_path, tmp_path / "ml1m")
-    report = fit(tmp_path / "ml1m", tmp_path / "model")
+    model, report = fit_dataset(load_dataset(tmp_path / "ml1m"), select_metric="hr@100")
     test = report["metrics"]["test"]
     assert report["metrics"]["lambda"] == 5.0
     assert abs(test["ndcg@10"] - 33.39) <= 0.5, test

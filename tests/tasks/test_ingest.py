@@ -101,7 +101,7 @@ def test_each_format_gives_the_same_outputs(inputs, tmp_path, fmt):
     out = tmp_path / f"out-{fmt}"
     m = ingest(inputs[fmt], out, seed=3)
     assert m["input"]["format"] == fmt
-    assert m["input"]["path"] == str(inputs[fmt])
+    assert m["input"]["name"] == inputs[fmt].name  # the file's name, never its path
     assert m["input"]["sha256"] == sha(inputs[fmt])
     assert m["split_source"] == "random"
     assert m["counts"] == {
@@ -511,6 +511,16 @@ def test_crlf_and_bom(tmp_path):
 
 INFREC = Path(sys.executable).parent / "infrec"
 
+from tests.helpers import clean_env  # noqa: E402 - the subprocesses get none of this session's env
+
+
+def _stage_params(tmp_path: Path, src: Path, **ingest) -> Path:
+    """A params file whose ingest stage reads ``src`` into ``tmp_path/outputs``."""
+    path = tmp_path / "params.yaml"
+    path.write_text(json.dumps({"state_dir": str(tmp_path / "outputs"),
+                                "ingest": {"input": str(src), **ingest}}))
+    return path
+
 
 @pytest.mark.parametrize(
     "case,fragment",
@@ -520,28 +530,33 @@ INFREC = Path(sys.executable).parent / "infrec"
 def test_cli_bad_input(tmp_path, case, fragment):
     name, content, _ = BAD_CASES[case]
     src = _bad(tmp_path, name, content)
-    out = tmp_path / "outputs" / "out"
-    proc = subprocess.run([str(INFREC), "ingest", "--input", str(src), "--out", str(out)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([str(INFREC), "ingest", "--params", str(_stage_params(tmp_path, src))],
+                          capture_output=True, text=True, timeout=60, env=clean_env())
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ") and str(src) in lines[0] and fragment in lines[0]
     assert "Traceback" not in proc.stderr
-    assert_nothing_left(tmp_path / "outputs", out)
+    processed = tmp_path / "outputs" / "data" / "processed"
+    assert_nothing_left(processed.parent, processed)
 
 
 def test_cli_directory_input_and_success(tmp_path):
-    out = tmp_path / "out"
-    proc = subprocess.run([str(INFREC), "ingest", "--input", str(tmp_path), "--out", str(out)],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "is a directory" in proc.stderr and not out.exists()
+    proc = subprocess.run([str(INFREC), "ingest", "--params",
+                           str(_stage_params(tmp_path, tmp_path))],
+                          capture_output=True, text=True, timeout=60, env=clean_env())
+    assert proc.returncode == 2 and "is a directory" in proc.stderr
+    assert not (tmp_path / "outputs" / "data" / "processed").exists()
     src = write_csv(tmp_path / "ok.csv")
-    proc = subprocess.run([str(INFREC), "ingest", "-i", str(src), "-o", str(out), "--seed", "4"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([str(INFREC), "ingest", "-q", "--params",
+                           str(_stage_params(tmp_path, src, seed=4))],
+                          capture_output=True, text=True, timeout=60, env=clean_env())
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["rows"] == 12
+    assert json.loads(proc.stdout)["counts"]["rows"] == 12
+    out = tmp_path / "outputs" / "data" / "processed"
     assert json.loads((out / "manifest.json").read_text())["seed"] == 4
+    # the snapshot holds the exact bytes that were ingested
+    assert (tmp_path / "outputs" / "data" / "input" / "ok.csv").read_bytes() == src.read_bytes()
 
 
 # --------------------------------------------------------------------------------------------

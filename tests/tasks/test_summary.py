@@ -16,6 +16,7 @@ from tasks.errors import InputError
 from tasks.summary import FORMAT_VERSION, MIN_WEIGHT, read_summary, write_summary
 
 REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import clean_env  # noqa: E402
 INFREC = [sys.executable, "-m", "infrec.cli"]
 
 
@@ -130,7 +131,7 @@ def test_sampler_summaries(processed, tmp_path, sampler):
     from tasks.distill import distill_dataset
 
     out = tmp_path / f"{sampler}.parquet"
-    report = distill_dataset(processed, out, sampler=sampler, budget=15, seed=2, progress=False)
+    report = distill_dataset(processed, out, sampler=sampler, budget=15, seed=2)
     support, ids, meta = read_summary(out)
     dataset = load_dataset(processed)
     assert support.shape == (15, dataset.n_items) and set(np.unique(support)) <= {0.0, 1.0}
@@ -138,52 +139,82 @@ def test_sampler_summaries(processed, tmp_path, sampler):
     assert meta["sampler"] == sampler and meta["source"]["data_version"] == dataset.data_version
     np.testing.assert_array_equal(support, dataset.train[meta["users"]].toarray())
     assert report["sampler"] == sampler and report["steps_run"] == 0 and "hr@100" in report["val"]
+    assert "data_dir" not in json.dumps(meta)  # no machine path in the summary file
 
 
 def test_distill_cf_summary_and_log(processed, tmp_path):
     from tasks.distill import distill_dataset
 
     out = tmp_path / "dcf.parquet"
-    report = distill_dataset(processed, out, budget=10, steps=6, samples=20, seed=1, progress=False,
-                             eval_steps=[3], eval_every=100)
     log = tmp_path / "dcf.log.jsonl"
-    assert report["log_path"] == str(log) and report["steps_run"] == 6 and report["best_step"] == 3
+    report = distill_dataset(processed, out, budget=10, steps=6, samples=20, seed=1,
+                             log_path=log, eval_steps=[3], eval_every=100,
+                             select_metric="ndcg@10")
+    assert report["steps_run"] == 6
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(7))
     assert {"step", "loss", "seconds", "lambda"} <= set(rows[1])
-    assert "val_hr@100" in rows[3] and "val_hr@100" not in rows[2]
+    assert "val_ndcg@10" in rows[3] and "val_ndcg@10" not in rows[2]
+    # the best evaluation by the selection metric, the starting point (step 0) included
+    evaluated = {r["step"]: r["val_ndcg@10"] for r in rows if r.get("evaluated")}
+    assert report["best_step"] == max(evaluated, key=lambda k: (evaluated[k], -k))
     support, _, meta = read_summary(out)
     assert support.shape[0] == 10 and 0.0 <= support.min() and support.max() <= 1.0
     assert meta["config"]["samples"] == 20 and meta["config"]["max_steps"] == 6
-    assert meta["best_step"] == 3
+    assert meta["best_step"] == report["best_step"]
     assert meta["seed"] == 1 and len(meta["init_users"]) == 10
+    assert [r["step"] for r in report["curve"]] == list(range(7))
+
+
+def test_budget_above_the_users_is_capped_and_recorded(processed, tmp_path):
+    from tasks.data import load_dataset
+    from tasks.distill import distill_dataset
+
+    n = load_dataset(processed).n_users
+    report = distill_dataset(processed, tmp_path / "x.parquet", sampler="random", budget=10**6)
+    assert report["budget"] == n and report["budget_requested"] == 10**6
+    assert read_summary(tmp_path / "x.parquet")[2]["budget"] == n
 
 
 def test_distill_dataset_input_errors(processed, tmp_path):
     from tasks.distill import distill_dataset
 
     with pytest.raises(InputError, match="unknown sampler"):
-        distill_dataset(processed, tmp_path / "x.parquet", sampler="best", progress=False)
-    with pytest.raises(InputError, match="exceeds"):
-        distill_dataset(processed, tmp_path / "x.parquet", sampler="random", budget=10**6,
-                        progress=False)
+        distill_dataset(processed, tmp_path / "x.parquet", sampler="best")
     with pytest.raises(InputError, match="unknown distill option"):
-        distill_dataset(processed, tmp_path / "x.parquet", colour="blue", progress=False)
+        distill_dataset(processed, tmp_path / "x.parquet", colour="blue")
     with pytest.raises(InputError):
-        distill_dataset(tmp_path / "missing", tmp_path / "x.parquet", progress=False)
+        distill_dataset(tmp_path / "missing", tmp_path / "x.parquet")
 
 
-def test_cli_distill(processed, tmp_path):
-    out = tmp_path / "cli.parquet"
-    proc = subprocess.run([*INFREC, "distill", "--data", str(processed), "--budget", "8",
-                           "--out", str(out), "--sampler", "random", "--seed", "3", "--quiet"],
-                          capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["path"] == str(out) and report["budget"] == 8
-    assert read_summary(out)[0].shape[0] == 8
+def test_distill_stage_reports_the_summary_beside_random_users(processed, tmp_path):
+    """`infrec distill --params`: summary, curve CSV, plot and the report with its baseline."""
+    import shutil
 
-    bad = subprocess.run([*INFREC, "distill", "--data", str(tmp_path / "nowhere"),
-                          "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    state = tmp_path / "state"
+    shutil.copytree(processed, state / "data" / "processed")
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({
+        "state_dir": str(state), "reports_dir": str(tmp_path / "reports"),
+        "distill": {"sampler": "distill-cf", "budget": 12, "steps": 4, "samples": 8,
+                    "eval_every": 2, "seed": 3}}))
+    proc = subprocess.run([*INFREC, "distill", "--params", str(params), "--quiet"],
+                          capture_output=True, text=True, cwd=REPO,
+                          env=clean_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "reports" / "distill.json").read_text())
+    assert report == json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["budget"] == 12 and report["select_metric"] == "ndcg@10"
+    assert set(report["random_users"]) == {"lambda", "val", "test"}
+    assert report["init_val"] == report["random_users"]["val"]  # it starts from those users
+    curve = (tmp_path / "reports" / "distill_curve.csv").read_text().splitlines()
+    assert curve[0] == "step,loss,lambda,val_ndcg@10,val_hr@100" and len(curve) == 6
+    assert "seconds" not in curve[0]  # deterministic: no timings in a committed file
+    assert (tmp_path / "reports" / "plots" / "distill_curve.png").is_file()
+    assert read_summary(state / "data" / "summary.parquet")[0].shape[0] == 12
+
+    bad = subprocess.run([*INFREC, "distill", "--params", str(tmp_path / "nowhere.yaml")],
+                         capture_output=True, text=True, cwd=REPO,
+                          env=clean_env())
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1

@@ -124,10 +124,15 @@ def test_write_synthetic_rejects_bad_arguments(tmp_path):
 
 def test_cli_generate_then_ingest(tmp_path):
     infrec = Path(sys.executable).parent / "infrec"
-    csv_path = tmp_path / "syn.csv"
-    proc = subprocess.run([str(infrec), "generate", "--out", str(csv_path), "--users", "200", "--items", "100",
-                           "--seed", "1"], capture_output=True, text=True, timeout=60)
+    from tests.helpers import clean_env
+
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"state_dir": str(tmp_path / "state"),
+                                  "generate": {"users": 200, "items": 100, "seed": 1}}))
+    proc = subprocess.run([str(infrec), "generate", "--params", str(params), "-q"],
+                          capture_output=True, text=True, timeout=60, env=clean_env())
     assert proc.returncode == 0, proc.stderr
+    csv_path = tmp_path / "state" / "data" / "raw" / "interactions.csv"
     stats = json.loads(proc.stdout)
     assert stats["users"] == 200 and stats["rows"] == pl.read_csv(csv_path).height
     m = ingest(csv_path, tmp_path / "out", seed=1)

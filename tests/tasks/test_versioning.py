@@ -1,31 +1,24 @@
-"""Data versions with real git and a real DVC local remote, in a temporary repository."""
+"""Data-version records and verified restores with real git and a real DVC local remote, in a
+temporary repository (tasks.dvc, tasks.rollback.stage_version)."""
 
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
+from tasks.dvc import (VERSION_BRANCH, get_version, list_versions, record_version, run_dvc,
+                       set_lock_params)
 from tasks.errors import InputError
-from tasks.versioning import (
-    VERSION_BRANCH,
-    VersioningError,
-    commit_stages,
-    current_version,
-    ensure_dvc,
-    get_version,
-    list_versions,
-    push,
-    record_version,
-    restored,
-)
+from tasks.rollback import RestoreError, lock_cached_outs, open_cache, stage_version
 
 OUTS = ["data/processed", "data/summary.txt"]
 DVC_YAML = """stages:
   make:
     cmd: python make.py
-    params: [a]
+    params: [a, grid]
     outs: [data/processed, data/summary.txt]
 """
 MAKE = """import yaml, pathlib
@@ -42,11 +35,13 @@ def sh(cwd, *args):
     return proc.stdout
 
 
-def produce(root: Path, a: int) -> None:
-    (root / "params.yaml").write_text(f"a: {a}\n")
+def produce(root: Path, a: int):
+    (root / "params.yaml").write_text(f"a: {a}\ngrid: [0.00001, 1]\n")
     sh(root, sys.executable, "make.py")
-    commit_stages(root, ["make"])
-    push(root)
+    run_dvc(root, "commit", "-f", "make")
+    run_dvc(root, "push")
+    return record_version(root, (root / "dvc.lock").read_text(), OUTS, {"a": a},
+                          {"reports/a.txt": f"{a}\n".encode()})
 
 
 @pytest.fixture
@@ -57,9 +52,9 @@ def repo(tmp_path, monkeypatch):
     sh(root, "git", "init", "-q", "-b", "main")
     (root / "dvc.yaml").write_text(DVC_YAML)
     (root / "make.py").write_text(MAKE)
-    (root / "params.yaml").write_text("a: 0\n")
-    ensure_dvc(root)
-    sh(root, sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(tmp_path / "remote"))
+    (root / "params.yaml").write_text("a: 0\ngrid: [1]\n")
+    run_dvc(root, "init", "-q")
+    run_dvc(root, "remote", "add", "-d", "store", str(tmp_path / "remote"))
     sh(root, "git", "add", "-A")
     sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
     return root
@@ -69,63 +64,100 @@ def read(root: Path) -> tuple[str, str]:
     return (root / "data/processed/rows.txt").read_text(), (root / "data/summary.txt").read_text()
 
 
-def test_versions_recorded_off_branch_and_restored_byte_identical(repo, tmp_path):
+def test_versions_recorded_off_branch_once_per_content(repo):
     head = sh(repo, "git", "rev-parse", "HEAD")
-    produce(repo, 1)
-    v1, created = record_version(repo, OUTS, {"note": "first"})
-    assert created and v1.id == "v1"
-    v1_bytes = read(repo)
-    again, created = record_version(repo, OUTS)
+    v1, created = produce(repo, 1)
+    assert created and v1.id == "v1" and v1.info == {"a": 1}
+    again, created = produce(repo, 1)
     assert not created and again.id == "v1"  # same data: no new version
-    produce(repo, 2)
-    v2, created = record_version(repo, OUTS)
-    assert created and v2.id == "v2" and v2.outputs != v1.outputs
+    v2, created = produce(repo, 2)
+    assert created and v2.id == "v2" and v2.hashes() != v1.hashes()
     # the working branch did not move and nothing was staged
     assert sh(repo, "git", "rev-parse", "HEAD") == head
     assert sh(repo, "git", "diff", "--cached", "--name-only") == ""
     assert [v.id for v in list_versions(repo)] == ["v1", "v2"]
     assert sh(repo, "git", "rev-parse", f"refs/heads/{VERSION_BRANCH}").strip() == v2.commit
+    files = sh(repo, "git", "ls-tree", "-r", "--name-only", v2.commit).split()
+    assert files == ["dvc.lock", "reports/a.txt", "version.json"]
 
-    with restored(repo, get_version(repo, "v1")):
-        pass
-    assert read(repo) == v1_bytes
-    assert current_version(repo, OUTS).id == "v1"
 
+def test_stray_and_broken_tags_are_skipped_with_a_warning(repo):
+    produce(repo, 1)
+    sh(repo, "git", "tag", "data/v7", "HEAD")  # a data/vN tag without a version record
+    sh(repo, "git", "tag", "data/latest", "HEAD")  # not a version name
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert [v.id for v in list_versions(repo)] == ["v1"]
+    messages = " ".join(str(w.message) for w in caught)
+    assert "data/v7" in messages and "data/latest" in messages
+    v, created = produce(repo, 2)  # numbering skips the taken tag
+    assert created and v.id == "v8"
+
+
+def test_stage_version_restores_byte_identical_from_cache_or_remote(repo, tmp_path):
+    produce(repo, 1)
+    v1_bytes = read(repo)
+    produce(repo, 2)
+    staged = stage_version(repo, get_version(repo, "v1"), tmp_path / "stage")
+    assert sorted(staged["outs"]) == OUTS and staged["files"] == ["reports/a.txt"]
+    assert read(tmp_path / "stage") == v1_bytes
+    assert (tmp_path / "stage" / "reports" / "a.txt").read_text() == "1\n"
+    assert read(repo)[1] == "summary 2\n"  # the workspace was not touched
     # a fresh clone without any DVC cache restores from the remote alone
     clone = tmp_path / "clone"
     sh(tmp_path, "git", "clone", "-q", str(repo), str(clone))
     assert [v.id for v in list_versions(clone)] == ["v1", "v2"]
-    assert not (clone / ".dvc" / "cache").exists()
-    with restored(clone, get_version(clone, "v2")):
-        pass
-    assert read(clone) == ("rows 2\n" * 100, "summary 2\n")
+    stage_version(clone, get_version(clone, "v1"), tmp_path / "stage2")
+    assert read(tmp_path / "stage2") == v1_bytes
 
 
-def test_failed_restore_changes_nothing(repo, tmp_path):
+def _cache_object(root: Path, md5: str) -> Path:
+    with open_cache(root) as cache:
+        return cache.path(md5)
+
+
+def test_a_flipped_byte_in_the_cache_is_repaired_from_the_remote(repo, tmp_path):
     produce(repo, 1)
-    record_version(repo, OUTS)
+    v1_bytes = read(repo)
     produce(repo, 2)
-    record_version(repo, OUTS)
+    v1 = get_version(repo, "v1")
+    md5 = lock_cached_outs(sh(repo, "git", "show", f"{v1.commit}:dvc.lock"))["data/summary.txt"]
+    obj = _cache_object(repo, md5)
+    obj.chmod(0o644)
+    data = bytearray(obj.read_bytes())
+    data[0] ^= 0xFF
+    obj.write_bytes(bytes(data))
+    stage_version(repo, v1, tmp_path / "stage")
+    assert read(tmp_path / "stage") == v1_bytes
+    assert _cache_object(repo, md5).read_bytes() != bytes(data)  # the cache was repaired
+
+
+def test_no_intact_copy_anywhere_is_one_line_and_changes_nothing(repo, tmp_path):
+    produce(repo, 1)
+    produce(repo, 2)
+    v1 = get_version(repo, "v1")
+    md5 = lock_cached_outs(sh(repo, "git", "show", f"{v1.commit}:dvc.lock"))["data/summary.txt"]
+    for root in (repo / ".dvc" / "cache", tmp_path / "remote"):
+        for obj in root.rglob(md5[2:]):
+            obj.chmod(0o644)
+            obj.write_bytes(b"corrupt")
     before = read(repo), (repo / "dvc.lock").read_text()
-    shutil.rmtree(repo / ".dvc" / "cache")
-    shutil.rmtree(tmp_path / "remote")  # remote unreachable/empty: v1 cannot be fetched
-    with pytest.raises(VersioningError):
-        with restored(repo, get_version(repo, "v1")):
-            pass
+    with pytest.raises(RestoreError) as err:
+        stage_version(repo, v1, tmp_path / "stage")
+    assert "\n" not in str(err.value) and "v1" in str(err.value)
     assert (read(repo), (repo / "dvc.lock").read_text()) == before
+    shutil.rmtree(tmp_path / "remote")  # unreachable remote and no cache: also one line
+    shutil.rmtree(repo / ".dvc" / "cache")
+    with pytest.raises(RestoreError):
+        stage_version(repo, v1, tmp_path / "stage3")
 
 
-def test_failure_inside_the_block_rolls_the_data_back(repo):
+def test_lock_records_the_params_used(repo):
     produce(repo, 1)
-    record_version(repo, OUTS)
-    produce(repo, 2)
-    record_version(repo, OUTS)
-    before = read(repo)
-    with pytest.raises(RuntimeError):
-        with restored(repo, get_version(repo, "v1")):
-            assert read(repo)[1] == "summary 1\n"
-            raise RuntimeError("registry step failed")
-    assert read(repo) == before
+    text = (repo / "dvc.lock").read_text()
+    assert set_lock_params(text, {"a": 1, "grid": [1e-5, 1.0]}) == text  # same values
+    changed = set_lock_params(text, {"a": 5, "grid": [1e-5, 1.0]})
+    assert "a: 5" in changed and changed != text
 
 
 def test_unknown_version_is_a_clear_error(repo):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tasks.gates import GateInputs, GateThresholds, decide_gates
+from tasks.gates import GateInputs, GateThresholds, decide_gates, gate_inputs
 
 T = GateThresholds(metric="ndcg@10", pop_margin=1.0, ease_fraction=0.97, champion_epsilon=0.5,
                    fidelity_fraction=0.95)
@@ -69,7 +69,8 @@ def test_champion_within_epsilon_passes_and_reason_names_it():
 
 
 def test_all_failures_are_reported_together():
-    v = decide_gates(inputs(pop_val=30.0, champion_test=40.0, reference_test=50.0), T)
+    v = decide_gates(inputs(pop_val=30.0, champion_test=40.0, champion_version="1",
+                            reference_test=50.0), T)
     assert not v.passed
     assert [g.passed for g in v.gates] == [False, False, False]
     assert len(v.failures) == 3
@@ -91,15 +92,52 @@ def test_missing_or_non_finite_numbers_fail(field, bad):
     assert any("missing or non-finite" in f and field in f for f in v.failures)
 
 
-def test_thresholds_from_params_and_dicts():
-    from infrec.config import parse_params
+def test_thresholds_from_params_use_the_selection_metric():
+    from tasks.params import parse_params
 
-    p = parse_params({"gates": {"ease_fraction": 0.9, "metric": "hr@100"}})
-    t = GateThresholds.from_params(p.gates)
+    p = parse_params({"gates": {"ease_fraction": 0.9}, "selection": {"metric": "hr@100"}})
+    t = GateThresholds.from_params(p)
     assert t.ease_fraction == 0.9 and t.metric == "hr@100" and t.fidelity_fraction == 0.95
-    assert GateThresholds.from_params({"pop_margin": 2.0}).pop_margin == 2.0
     # stricter threshold → same numbers fail
     assert not decide_gates(inputs(), GateThresholds(ease_fraction=0.99)).passed
+
+
+def _evaluation(metric_values: dict) -> dict:
+    def block(val, test):
+        return {"val": {"ndcg@10": val, "hr@100": val + 30}, "test": {"ndcg@10": test,
+                                                                        "hr@100": test + 30}}
+    return {"candidate": block(*metric_values["candidate"]), "poprec": block(*metric_values["pop"]),
+            "ease": block(*metric_values["ease"]),
+            "reference": {**block(*metric_values["ref"]), "description": "∞-AE on all 9 users"}}
+
+
+def test_gate_inputs_from_an_evaluation_report_pick_the_selection_metric():
+    ev = _evaluation({"candidate": (23.5, 32.9), "pop": (10.0, 12.0), "ease": (24.0, 33.0),
+                      "ref": (23.9, 33.4)})
+    for metric, offset in (("ndcg@10", 0), ("hr@100", 30)):
+        inp = gate_inputs(ev, metric, {"version": "4", "test": {metric: 30.0 + offset},
+                                       "note": "same data version"})
+        assert inp.candidate_val == 23.5 + offset and inp.reference_test == 33.4 + offset
+        assert inp.champion_test == 30.0 + offset and inp.champion_version == "4"
+        assert inp.reference == "∞-AE on all 9 users"
+    assert gate_inputs(ev, "ndcg@10", None).champion_version is None
+
+
+def test_unusable_champion_is_skipped_with_its_reason_not_failed():
+    ev = _evaluation({"candidate": (23.5, 32.9), "pop": (10.0, 12.0), "ease": (24.0, 33.0),
+                      "ref": (23.9, 33.4)})
+    champion = {"version": "3", "test": None, "unusable": "model.npz: truncated"}
+    v = decide_gates(gate_inputs(ev, "ndcg@10", champion), T)
+    g = by_name(v)["champion"]
+    assert v.passed and g.passed and "skipped" in g.reason and "truncated" in g.reason
+
+
+def test_each_gate_reports_its_figure_and_threshold():
+    v = decide_gates(inputs(champion_test=33.0, champion_version="2"), T)
+    g = by_name(v)
+    assert g["baselines"].value == 23.5 and g["baselines"].threshold == pytest.approx(0.97 * 24)
+    assert g["champion"].value == 32.9 and g["champion"].threshold == pytest.approx(32.5)
+    assert g["fidelity"].value == pytest.approx(32.9 / 33.4) and g["fidelity"].threshold == 0.95
 
 
 def test_verdict_to_dict_is_json_ready():

@@ -1,0 +1,74 @@
+"""The run report: a markdown table of every model's metrics and each gate's verdict — published as
+a Prefect artifact and printed (shorter) by ``infrec run``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+
+from tasks.params import METRIC_KEYS
+from tasks.runtime import say, task_options
+
+REPORT_KEY = "infrec-pipeline-report"  # Prefect artifact keys: lowercase letters, digits, dashes
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None else (f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}")
+
+
+def outcome(result: dict[str, Any]) -> str:
+    if result.get("unchanged"):
+        return "UNCHANGED"
+    return "PROMOTED" if result.get("promoted") else "REJECTED"
+
+
+def failing_gates(result: dict[str, Any]) -> list[str]:
+    verdict = result.get("verdict") or {}
+    return [g["name"] for g in verdict.get("gates", []) if not g["passed"]]
+
+
+def report_markdown(result: dict[str, Any]) -> str:
+    ev = result["evaluation"]
+    rows = [("candidate (summary)", ev["candidate"]), ("PopRec", ev["poprec"]),
+            ("EASE", ev["ease"]), (ev["reference"]["description"], ev["reference"])]
+    if ev.get("random_users"):
+        rows.append(("random users (same budget)", ev["random_users"]))
+    lines = [
+        f"# infrec pipeline — {result['model_name']} v{result['version']}: **{outcome(result)}**",
+        "",
+        f"MLflow run `{result.get('run_id') or '-'}` · data `{result['data_version']}` · "
+        f"summary `{result['summary_hash']}` · selection metric `{result['metric']}`",
+        "",
+        "| model | split | " + " | ".join(METRIC_KEYS) + " |",
+        "|---|---|" + "---|" * len(METRIC_KEYS),
+    ]
+    for name, block in rows:
+        for split in ("val", "test"):
+            vals = block.get(split) or {}
+            lines.append(f"| {name} | {split} | "
+                         + " | ".join(_fmt(vals.get(k)) for k in METRIC_KEYS) + " |")
+    verdict = result.get("verdict")
+    if verdict:
+        lines += ["", "| gate | result | reason |", "|---|---|---|"]
+        for g in verdict["gates"]:
+            lines.append(f"| {g['name']} | {'pass' if g['passed'] else 'FAIL'} | {g['reason']} |")
+    elif result.get("unchanged"):
+        lines += ["", "Data, summary, params and code equal the champion's: nothing registered."]
+    lines += ["", f"Champion: {'v' + result['champion'] if result.get('champion') else 'none'}"]
+    return "\n".join(lines) + "\n"
+
+
+@task(name="publish-report", **task_options(io=False))
+def publish_report_task(result: dict[str, Any]) -> str:
+    from prefect.artifacts import create_markdown_artifact
+
+    markdown = report_markdown(result)
+    create_markdown_artifact(key=REPORT_KEY, markdown=markdown,
+                             description=f"infrec pipeline: {result['model_name']} "
+                                         f"v{result['version']} {outcome(result)}")
+    say()(f"report published as Prefect artifact '{REPORT_KEY}'")
+    return markdown
+
+
+__all__ = ["report_markdown", "publish_report_task", "outcome", "failing_gates", "REPORT_KEY"]
