@@ -5,7 +5,6 @@ key, a non-zero exit, and nothing written."""
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml

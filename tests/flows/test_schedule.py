@@ -40,10 +40,8 @@ SMALL = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port as _free_port  # noqa: E402
+from tests.helpers import tail as _tail  # noqa: E402
 
 
 def _bin(name: str) -> str:
@@ -51,21 +49,9 @@ def _bin(name: str) -> str:
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
-    """os.environ without any PREFECT_*/MLFLOW_*/INFREC_* of the test session, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_", "MLFLOW_", "INFREC_"))}
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TF_CPP_MIN_LOG_LEVEL": "3",
-                "DVC_NO_ANALYTICS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
-    env.update(extra)
-    return env
+    from tests.helpers import clean_env
 
-
-def _tail(path: Path, n: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
+    return clean_env(**extra)
 
 
 class Server:
