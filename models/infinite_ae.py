@@ -31,7 +31,7 @@ import scipy.sparse as sp
 
 from models.kernels import NTKConfig, accelerated as _accelerated, ntk_from_dots, pad_rows, row_sq_norms
 from models.linalg import spd_solve
-from models.metrics import RankingAccumulator, top_k_unseen
+from models.metrics import METRIC_KEYS, RankingAccumulator, top_k_unseen
 
 FULL_DATA_LAMBDAS: tuple[float, ...] = (0.0, 1.0, 5.0, 20.0, 50.0, 100.0)
 SUMMARY_LAMBDAS: tuple[float, ...] = (1e-5, 1e-3, 0.1, 1.0, 5.0, 50.0)
@@ -39,6 +39,17 @@ SUMMARY_LAMBDAS: tuple[float, ...] = (1e-5, 1e-3, 0.1, 1.0, 5.0, 50.0)
 STABILISING_JITTER = 1e-4
 # history batches sparser than this are multiplied in sparse form (else densified for BLAS)
 SPARSE_DOT_MAX_DENSITY = 0.005
+
+
+def check_select_metric(select_metric: str, data: "EvalSet | None" = None) -> str:
+    """``select_metric`` if it is one of :data:`models.metrics.METRIC_KEYS` (and, for ``auc``,
+    ``data`` has AUC negatives); else ``ValueError``."""
+    if select_metric not in METRIC_KEYS:
+        raise ValueError(f"unknown selection metric {select_metric!r}; expected one of "
+                         f"{', '.join(METRIC_KEYS)}")
+    if select_metric == "auc" and data is not None and data.negatives is None:
+        raise ValueError("selection metric 'auc' needs an evaluation set with AUC negatives")
+    return select_metric
 
 
 class SingularKernelWarning(UserWarning):
@@ -400,13 +411,16 @@ def fit_select(
 ) -> tuple[InfAE, list[LambdaResult]]:
     """Fit ∞-AE for every λ of the grid (one K), keep the best on validation ``select_metric``.
 
+    ``select_metric``: any of :data:`models.metrics.METRIC_KEYS` (``hr@100`` is the paper's rule;
+    ties keep the first λ of the grid).
     ``support_is_val_context``: the support rows are exactly ``val.context`` (same users, same
     order) — then validation scores are ``X − λ̃α`` (exact, no extra matrix product).
     ``path_metrics``: the validation metrics computed for every λ (default: all); the kept λ
-    always gets all of them. ``("hr@100",)`` with the default ``select_metric`` ranks only
-    what the choice needs (:func:`evaluate_score_batches`).
+    always gets all of them, and ``select_metric`` is always among them. ``("hr@100",)`` with
+    ``select_metric="hr@100"`` ranks only what the choice needs (:func:`evaluate_score_batches`).
     Returns the best model and the whole λ path (validation metrics of each λ).
     """
+    check_select_metric(select_metric, val)
     x = _dense32(support)
     lambdas = list(lambdas)
     if not lambdas:
