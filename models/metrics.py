@@ -9,7 +9,8 @@ Definitions (``../shared/docs/algorithms.md``, "Evaluation"); for a user with ta
   with propensity weights ``w_j = 1 + C (n_j + B)^(-A)``, ``A = 0.55``, ``B = 1.5``,
   ``C = (ln N − 1)(B + 1)^A`` (the reference divides only the numerator by ``min(p, k)``).
 * ``AUC``: one global AUC over the pooled scores of every user's targets (label 1) and of their
-  50 sampled negatives (label 0), taken before seen items are masked.
+  50 sampled negatives (label 0, items in neither their train nor test set), taken before seen
+  items are masked.
 
 Every metric but AUC is reported ×100, averaged over users with ``p ≥ 1``. No file I/O here.
 """
@@ -215,11 +216,13 @@ def pooled_auc(pos: np.ndarray, neg: np.ndarray) -> float:
 def sample_negatives(
     positives: sp.csr_matrix, n_neg: int, seed: int, batch_size: int = 1024
 ) -> np.ndarray:
-    """``n_neg`` distinct items per user, drawn with a fixed seed among items the user never saw.
+    """``n_neg`` distinct items per user, drawn with a fixed seed among items not in ``positives``.
 
-    ``positives`` (users × items) holds every known interaction of each user (train, val and
-    test), so a negative is in neither the user's train nor test set. Each user gets a uniform
-    random subset (the ``n_neg`` smallest of i.i.d. uniform keys over their unseen items).
+    ``positives`` (users × items) holds the interactions a negative must avoid. For the paper's
+    AUC that is each user's train + test rows (``tasks.data.Dataset.negatives``): a negative is in
+    neither their train nor test set, and a validation item may be one, as in the reference. Each
+    user gets a uniform random subset (the ``n_neg`` smallest of i.i.d. uniform keys over the
+    items not in their row).
     """
     positives = sp.csr_matrix(positives)
     n, m = positives.shape

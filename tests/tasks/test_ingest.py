@@ -190,6 +190,36 @@ def test_split_column_used_as_is(tmp_path):
     assert sha(out / "interactions.parquet") == sha(out2 / "interactions.parquet")
 
 
+def test_auc_negatives_follow_the_specification(tmp_path):
+    """Negatives are items in neither the user's train nor test set: validation items may be
+    drawn (``../shared/docs/algorithms.md``, as the reference does), train and test items never."""
+    from tasks.data import AUC_NEGATIVES, load_dataset
+
+    # 60 items. User 1: train 0-4, test 5-9, validation 10-19: exactly 50 items are neither train
+    # nor test for it (10-59), so its 50 negatives must be all of them, its validation items too.
+    rows = [(1, i, "train") for i in range(5)] + [(1, i, "test") for i in range(5, 10)]
+    rows += [(1, i, "val") for i in range(10, 20)]
+    for k, user in enumerate(range(2, 7)):  # users 2-6 cover items 20-59: 7 train + 1 test each
+        items = list(range(20 + 8 * k, 28 + 8 * k))
+        rows += [(user, i, "train") for i in items[:7]] + [(user, items[7], "test")]
+        rows += [(user, items[0] - 20, "val")]
+    src = tmp_path / "split.csv"
+    src.write_text("user_id,item_id,split\n" + "".join(f"{u},{1000 + i},{s}\n" for u, i, s in rows))
+    ingest(src, tmp_path / "out")
+    data = load_dataset(tmp_path / "out")
+    assert data.n_items == 60 and AUC_NEGATIVES == 50
+    negatives = data.negatives
+    assert negatives.shape == (6, 50)
+    assert sorted(data.item_ids[negatives[0]] - 1000) == list(range(10, 60))
+    train, val, test = data.train.toarray(), data.val.toarray(), data.test.toarray()
+    for u in range(6):
+        assert len(set(negatives[u])) == 50
+        assert not train[u, negatives[u]].any() and not test[u, negatives[u]].any()
+    assert val[np.arange(6)[:, None], negatives].sum() > 10  # validation items are drawn
+    # the same negatives for validation and test, as in the reference
+    assert data.val_set().negatives is data.test_set().negatives
+
+
 def expected_counts(n: int) -> tuple[int, int, int]:
     """Shuffled position i = 0 is test; i = 1..n-1: < 0.8(n-1) train, < 0.9(n-1) val, else test."""
     train = sum(1 for i in range(1, n) if i < 0.8 * (n - 1))
