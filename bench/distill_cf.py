@@ -1,21 +1,28 @@
-"""Distill-CF on a real data set (ML-1M): speed per step and fidelity of ∞-AE fitted on the summary.
+"""Distill-CF on a data set: speed per step, and ∞-AE on the summary against random users and all users.
 
     .venv/bin/python -m bench.distill_cf \
-        --data ../shared/data/ml-1m/interactions.parquet --budget 500
+        --data ../shared/data/ml-1m/interactions.parquet --budget 500 --metric hr@100
 
-Ingests the file (keeping its split), distills ``--budget`` synthetic users (default
-hyper-parameters, run to the early stop unless ``--steps`` is smaller), fits ∞-AE on the summary
-(λ from the summary grid by validation HR@100) and evaluates it on test; beside it, ∞-AE on all
-users (full-data grid) and on ``--budget`` random users. ``--profile`` also times the parts of one
-step. Progress goes to stderr; the last stdout line is one JSON object:
+``--data``: an interactions file (ingested here into a temporary directory: a ``split`` column is
+kept, else the paper's split is drawn) or an ``infrec ingest`` output directory. Distills
+``--budget`` synthetic users (:func:`models.distill_cf.distill`, run to its early stop or
+``--steps``), with one selection metric (``--metric``, passed explicitly) choosing every λ, the
+best step and the early stop. Then, each λ chosen on validation by the same metric, fits ∞-AE on
+the summary (summary grid), on the ``--budget`` random users Distill-CF started from (same seed,
+summary grid) and on all users (full-data grid), and evaluates them on test. ``--profile`` also
+times the parts of one step. Progress goes to stderr; the last stdout line is one JSON object:
 
-    {"budget", "steps_run", "best_step", "seconds_per_step", "peak_rss_mb", "test": {...},
-     "full_test": {...}, "random_test": {...}, "fidelity_ndcg@10": test / full, ...}
+    {"data", "select_metric", "budget", "config", "steps_run", "best_step", "seconds_per_step",
+     "distill_seconds", "eval_seconds", "candidate": {"lambda", "val", "test"}, "random": {...},
+     "full": {...}, "fidelity": candidate / full test <metric>, "random_fidelity", "fidelity_ndcg@10",
+     "random_fidelity_ndcg@10", "candidate_minus_random_ndcg@10", "peak_rss_mb", "device",
+     "loadavg_start_end"}
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -109,103 +116,170 @@ def profile_step(dataset: Any, config: Any) -> dict[str, dict[str, float]]:
     return out
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def load_any(path: Path, tmp: Path) -> Any:
+    """An ``infrec ingest`` output directory as is, or a raw interactions file ingested into ``tmp``."""
+    from tasks.data import load_dataset
+    from tasks.ingest import ingest
+
+    if path.is_dir():
+        return load_dataset(path)
+    ingest(path, tmp / "processed")
+    return load_dataset(tmp / "processed")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from models.distill_cf import DEFAULT_EVAL_STEPS, DistillConfig
+    from models.infinite_ae import FULL_DATA_LAMBDAS, SUMMARY_LAMBDAS
+    from models.metrics import METRIC_KEYS
+
+    defaults = DistillConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="interactions file (Parquet/CSV/ratings.dat)")
+    parser.add_argument("--data", required=True, type=Path,
+                        help="interactions file (Parquet/CSV/TSV/ratings.dat) or ingested directory")
+    parser.add_argument("--metric", default="hr@100", choices=METRIC_KEYS,
+                        help="validation metric that picks every λ, the best step and the early "
+                             "stop (the paper: hr@100)")
     parser.add_argument("--budget", type=int, default=500, help="synthetic users (μ)")
-    parser.add_argument("--steps", type=int, default=500,
+    parser.add_argument("--steps", type=int, default=defaults.max_steps,
                         help="maximum Distill-CF steps (early stop may end sooner)")
-    parser.add_argument("--samples", type=int, default=200,
+    parser.add_argument("--samples", type=int, default=defaults.samples,
                         help="Gumbel draws per synthetic user (S)")
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--tau", type=float, default=defaults.tau)
+    parser.add_argument("--reg", type=float, default=defaults.reg)
+    parser.add_argument("--patience", type=int, default=defaults.patience)
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    parser.add_argument("--eval-steps", default=",".join(map(str, DEFAULT_EVAL_STEPS)),
+                        help="extra evaluation steps, comma-separated ('' for none)")
+    parser.add_argument("--target-batch", type=int, default=None,
+                        help="real users per step (default: all)")
+    parser.add_argument("--lambdas", default=",".join(map(str, SUMMARY_LAMBDAS)),
+                        help="λ grid of summary fits (Distill-CF and random users)")
+    parser.add_argument("--full-lambdas", default=",".join(map(str, FULL_DATA_LAMBDAS)),
+                        help="λ grid of the fit on all users")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise", default="hash", choices=("hash", "jax"),
                         help="Gumbel noise generator")
+    parser.add_argument("--no-full", action="store_true", help="skip ∞-AE on all users")
     parser.add_argument("--profile", action="store_true", help="also time the parts of one step")
-    parser.add_argument("--keep", type=Path, default=None, help="copy the summary and its log here")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="write the summary (.npy) and the step log (.jsonl) here")
     args = parser.parse_args(argv)
 
     import jax
 
-    from models.distill_cf import DistillConfig
-    from models.infinite_ae import FULL_DATA_LAMBDAS, SUMMARY_LAMBDAS, evaluate, fit_select
+    from models.distill_cf import distill
+    from models.infinite_ae import evaluate, fit_select, support_gram
     from models.samplers import random_users
-    from tasks.data import load_dataset
-    from tasks.distill import distill_dataset
-    from tasks.ingest import ingest
-    from tasks.summary import read_summary
 
     load_start = os.getloadavg()
-    out: dict[str, Any] = {"budget": args.budget}
+    metric = args.metric
+    out: dict[str, Any] = {"data": str(args.data), "select_metric": metric, "budget": args.budget}
     with tempfile.TemporaryDirectory() as tmp:
-        tmp_path = Path(tmp)
         t0 = time.perf_counter()
-        ingest(args.data, tmp_path / "processed")
-        dataset = load_dataset(tmp_path / "processed")
-        say(f"ingest: {dataset.n_users} users × {dataset.n_items} items "
-            f"in {time.perf_counter() - t0:.1f}s")
-        config = DistillConfig(budget=args.budget, samples=args.samples, max_steps=args.steps,
-                               seed=args.seed, noise=args.noise)
-        if args.profile:
-            out["profile"] = profile_step(dataset, config)
-
-        def progress(info: dict[str, Any]) -> None:
-            if info["evaluated"] or info["step"] % 10 == 0:
-                loss = "-" if info["loss"] is None else f"{info['loss']:.3f}"
-                hr = info.get("val_hr@100")
-                say(f"step {info['step']:4d} loss {loss} {info['seconds']:.2f}s/step"
-                    + (f"  val hr@100 {hr:.2f} (λ={info['lambda']:g}, "
-                       f"best step {info['best_step']})" if hr is not None else ""))
-
-        t0 = time.perf_counter()
-        report = distill_dataset(tmp_path / "processed", tmp_path / "summary.parquet",
-                                 budget=args.budget, seed=args.seed, steps=args.steps,
-                                 samples=args.samples, noise=args.noise, progress=False,
-                                 on_step=progress)
-        distill_seconds = time.perf_counter() - t0
-        say(f"distill: {report['steps_run']} steps, best step {report['best_step']}, "
-            f"{report['seconds_per_step']:.3f}s/step (median), {distill_seconds:.0f}s in all")
-        summary, _, _ = read_summary(tmp_path / "summary.parquet")
-        with open(report["log_path"]) as fh:
-            step_seconds = [row["seconds"] for row in map(json.loads, fh) if row["step"] >= 2]
-        if args.keep is not None:
-            import shutil
-
-            args.keep.mkdir(parents=True, exist_ok=True)
-            shutil.copy(tmp_path / "summary.parquet", args.keep / "summary.parquet")
-            shutil.copy(report["log_path"], args.keep / "summary.log.jsonl")
-
+        dataset = load_any(args.data, Path(tmp))
+        say(f"data: {dataset.n_users} users × {dataset.n_items} items, "
+            f"{dataset.train.nnz} train interactions ({time.perf_counter() - t0:.1f}s)")
+    config = DistillConfig(budget=args.budget, samples=args.samples, max_steps=args.steps,
+                           lr=args.lr, tau=args.tau, reg=args.reg, patience=args.patience,
+                           eval_every=args.eval_every, eval_steps=_ints(args.eval_steps),
+                           lambdas=_floats(args.lambdas), select_metric=metric,
+                           target_batch=args.target_batch, seed=args.seed, noise=args.noise)
+    out["config"] = {k: v for k, v in dataclasses.asdict(config).items() if k != "kernel"}
+    if args.profile:
+        out["profile"] = profile_step(dataset, config)
     val, test = dataset.val_set(), dataset.test_set()
 
-    def fit_and_test(name: str, support: Any, lambdas: Any, **kw: Any) -> dict[str, float]:
-        t = time.perf_counter()
-        model, _ = fit_select(support, val, lambdas, **kw)
-        metrics = evaluate(model, test)
-        say(f"{name}: λ={model.lam:g} test ndcg@10 {metrics['ndcg@10']:.2f} "
-            f"hr@10 {metrics['hr@10']:.2f} auc {metrics['auc']:.4f} "
-            f"({time.perf_counter() - t:.0f}s)")
-        out[f"{name}_lambda"] = model.lam
-        return metrics
+    log: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
 
-    out["test"] = fit_and_test("summary", summary, SUMMARY_LAMBDAS)
-    out["full_test"] = fit_and_test("full", dataset.train.toarray().astype(np.float32),
-                                    FULL_DATA_LAMBDAS, support_is_val_context=True)
-    out["random_test"] = fit_and_test("random", random_users(dataset.train, args.budget, args.seed),
-                                      SUMMARY_LAMBDAS)
+    def progress(info: dict[str, Any]) -> None:
+        row = {k: info.get(k) for k in ("step", "loss", "seconds", "evaluated", "lambda",
+                                        "best_step", "eval_seconds")}
+        row["elapsed"] = time.perf_counter() - t_start
+        if info["evaluated"]:
+            row["val"] = info["val"]
+            row["lambda_path"] = info["lambda_path"]
+        log.append(row)
+        if info["evaluated"] or info["step"] % 10 == 0:
+            loss = "-" if info["loss"] is None else f"{info['loss']:.3f}"
+            value = info.get(f"val_{metric}")
+            say(f"step {info['step']:4d} loss {loss} {info['seconds']:.2f}s/step "
+                f"{row['elapsed']:6.0f}s" + (
+                    f"  val {metric} {value:.2f} ndcg@10 {info['val']['ndcg@10']:.2f} "
+                    f"hr@100 {info['val']['hr@100']:.2f} (λ={info['lambda']:g}, "
+                    f"{info['eval_seconds']:.1f}s; best step {info['best_step']})"
+                    if value is not None else ""))
+
+    t0 = time.perf_counter()
+    result = distill(dataset.train, val, config, on_step=progress)
+    distill_seconds = time.perf_counter() - t0
+    eval_seconds = sum(r["eval_seconds"] or 0.0 for r in log if r["evaluated"])
+    say(f"distill: {result.steps_run} steps, best step {result.best_step}, "
+        f"{result.seconds_per_step:.3f}s/step (median), {eval_seconds:.0f}s of evaluations, "
+        f"{distill_seconds:.0f}s in all")
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        np.save(args.keep / "summary.npy", result.summary)
+        with open(args.keep / "summary.log.jsonl", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in log)
+
+    def fit_and_test(name: str, support: Any, lambdas: Any, **kw: Any) -> dict[str, Any]:
+        t = time.perf_counter()
+        model, path = fit_select(support, val, lambdas, select_metric=metric,
+                                 path_metrics=(metric,), **kw)
+        best = next(p for p in path if p.lam == model.lam)
+        gram = support_gram(support) if kw.get("support_is_val_context") else None
+        metrics = evaluate(model, test, support_gram=gram)
+        say(f"{name}: λ={model.lam:g} val {metric} {best.val[metric]:.2f} test ndcg@10 "
+            f"{metrics['ndcg@10']:.2f} hr@10 {metrics['hr@10']:.2f} hr@100 {metrics['hr@100']:.2f} "
+            f"auc {metrics['auc']:.4f} ({time.perf_counter() - t:.0f}s)")
+        return {"lambda": model.lam, "val": best.val, "test": metrics,
+                "lambda_path": [[p.lam, p.val[metric]] for p in path]}
+
+    summary_grid = config.lambdas
+    out["candidate"] = fit_and_test("candidate", result.summary, summary_grid)
+    out["random"] = fit_and_test("random", random_users(dataset.train, args.budget, args.seed),
+                                 summary_grid)
+    if not args.no_full:
+        out["full"] = fit_and_test("full", dataset.train.toarray().astype(np.float32),
+                                   _floats(args.full_lambdas), support_is_val_context=True)
+    step_seconds = [r["seconds"] for r in log if r["step"] >= 2]
     out.update({
-        "steps_run": report["steps_run"],
-        "best_step": report["best_step"],
-        "seconds_per_step": round(report["seconds_per_step"], 4),  # median, first step excluded
+        "steps_run": result.steps_run,
+        "best_step": result.best_step,
+        "best_lambda": result.best_lambda,
+        "init_val": result.init_val,
+        "best_val": result.best_val,
+        "seconds_per_step": round(result.seconds_per_step, 4),  # median, first step excluded
         # the machine is shared: the fastest decile shows the steps that ran with both cores free
-        "seconds_per_step_p10": round(float(np.percentile(step_seconds, 10)), 4),
-        "seconds_per_step_min": round(float(np.min(step_seconds)), 4),
+        "seconds_per_step_p10": round(float(np.percentile(step_seconds, 10)), 4) if step_seconds else None,
         "distill_seconds": round(distill_seconds, 1),
-        "summary_val": report["val"],
-        "summary_nnz": report["nnz"],
-        "fidelity_ndcg@10": out["test"]["ndcg@10"] / out["full_test"]["ndcg@10"],
-        "random_fidelity_ndcg@10": out["random_test"]["ndcg@10"] / out["full_test"]["ndcg@10"],
+        "eval_seconds": round(eval_seconds, 1),
+        "evaluations": sum(r["evaluated"] for r in log),
+        "summary_nnz": int((result.summary > 1e-6).sum()),
+        "candidate_minus_random_ndcg@10": out["candidate"]["test"]["ndcg@10"]
+        - out["random"]["test"]["ndcg@10"],
+    })
+    if "full" in out:
+        full = out["full"]["test"]
+        out.update({
+            "fidelity": out["candidate"]["test"][metric] / full[metric],
+            "random_fidelity": out["random"]["test"][metric] / full[metric],
+            "fidelity_ndcg@10": out["candidate"]["test"]["ndcg@10"] / full["ndcg@10"],
+            "random_fidelity_ndcg@10": out["random"]["test"]["ndcg@10"] / full["ndcg@10"],
+        })
+    out.update({
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "device": jax_device(),
-        "device": f"{jax.default_backend()} ({os.cpu_count()} cores)",
+        "device": f"{jax_device()} ({os.cpu_count()} cores)",
         "loadavg_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
     })
     print(json.dumps(out))

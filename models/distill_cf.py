@@ -24,8 +24,10 @@ Loss, for the targets ``X_t`` (the real users' train rows) and ∞-AE's NTK ``k`
 
 (N = train interactions, c = cardinality regulariser), with λ the best λ of the latest
 evaluation. Adam; a fresh noise key every step; every scheduled evaluation fits ∞-AE on a fresh
-sample of the current logits (:func:`models.infinite_ae.fit_select`, λ grid, validation HR@100),
-keeps the best summary and stops after ``patience`` steps without improvement.
+sample of the current logits (:func:`models.infinite_ae.fit_select`, λ grid, validation
+``select_metric``, any of :data:`models.metrics.METRIC_KEYS`), keeps the best summary by that
+metric over every evaluation including step 0 (the initial real users) and stops after
+``patience`` steps without improvement on it.
 
 Speed on CPU. A step (μ = 500, S = 200, m = 3,706, all 6,040 users as targets) is ≈ 740 M noise
 draws (S·μ·m forward, again backward) plus five 6,040 × 3,706 × 500 matrix products. What makes
@@ -60,7 +62,7 @@ import numpy as np
 import scipy.sparse as sp
 from jax import lax
 
-from models.infinite_ae import SUMMARY_LAMBDAS, EvalSet, fit_select
+from models.infinite_ae import SUMMARY_LAMBDAS, EvalSet, check_select_metric, fit_select
 from models.kernels import NTKConfig
 from models.kernels import ntk_jax as ntk_fn  # the NTK, with gradients finite on the diagonal
 from models.samplers import random_user_indices, rows_of
@@ -79,12 +81,12 @@ class DistillConfig:
     lr: float = 0.04  # Adam learning rate
     max_steps: int = 500
     reg: float = 1e-3  # c, cardinality regulariser
-    patience: int = 150  # stop after this many steps without a better validation HR@100
+    patience: int = 150  # stop after this many steps since the best evaluation (step 0 included)
     seed: int = 0
     eval_steps: tuple[int, ...] = DEFAULT_EVAL_STEPS  # evaluate at these steps ...
     eval_every: int = 40  # ... and at every multiple of this
     lambdas: tuple[float, ...] = SUMMARY_LAMBDAS
-    select_metric: str = "hr@100"
+    select_metric: str = "hr@100"  # picks each evaluation's λ, the best step and the early stop
     target_batch: int | None = None  # real users per step (None: all users with train rows)
     noise: str = "hash"  # "hash" (fast counter-based) or "jax" (jax.random.uniform, threefry)
     kernel: NTKConfig = field(default_factory=NTKConfig)
@@ -98,6 +100,7 @@ class DistillConfig:
             raise ValueError(f"noise must be one of {NOISE_KINDS}, got {self.noise!r}")
         if not self.lambdas:
             raise ValueError("the λ grid is empty")
+        check_select_metric(self.select_metric)
 
     def is_eval_step(self, step: int) -> bool:
         return step in self.eval_steps or step % self.eval_every == 0
@@ -107,8 +110,8 @@ class DistillConfig:
 class DistillResult:
     """The best summary found and how the run went."""
 
-    summary: np.ndarray  # μ × m float32 in [0, 1]
-    best_step: int
+    summary: np.ndarray  # μ × m float32 in [0, 1] (the initial users' binary rows if best_step 0)
+    best_step: int  # the evaluation kept (0: no later one beat the initial users on validation)
     best_lambda: float
     best_val: dict[str, float]  # validation metrics of ∞-AE on the summary at best_lambda
     init_val: dict[str, float]  # the same for the random users the logits started from
@@ -426,16 +429,17 @@ def single_threaded_blas() -> contextlib.AbstractContextManager[Any]:
 
 # -- the training loop ---------------------------------------------------------------------------
 def _validate(support: np.ndarray, val: EvalSet, config: DistillConfig
-              ) -> tuple[float, dict[str, float]]:
-    """∞-AE on ``support``, λ chosen on validation: ``(best λ, its validation metrics)``.
+              ) -> tuple[float, dict[str, float], list[tuple[float, float]]]:
+    """∞-AE on ``support``, λ chosen on validation ``config.select_metric``.
 
+    Returns ``(best λ, its validation metrics, [(λ, value of the selection metric)] for the grid)``.
     Only the kept λ needs every metric: the others are ranked for the selection metric alone.
     """
+    metric = config.select_metric
     model, path = fit_select(support, val, config.lambdas, config.kernel,
-                             select_metric=config.select_metric,
-                             path_metrics=(config.select_metric,))
+                             select_metric=metric, path_metrics=(metric,))
     best = next(p for p in path if p.lam == model.lam)
-    return model.lam, best.val
+    return model.lam, best.val, [(p.lam, p.val[metric]) for p in path]
 
 
 def distill(
@@ -447,20 +451,31 @@ def distill(
     """Run Distill-CF on the ``train`` matrix (users × items, binary), validating on ``val``.
 
     ``val`` is the validation set of the same users (context = train rows, targets = validation
-    items): each evaluation fits ∞-AE on a summary and scores every user from their train row.
-    ``on_step(info)`` is called after step 0 (the initial evaluation) and after every step with
-    ``step, loss, seconds, evaluated, val_hr@100`` (this step's, or None), ``last_val_hr@100``,
-    ``best_val_hr@100``, ``best_step``, ``lambda`` and ``val`` (all metrics when evaluated).
+    items): each evaluation fits ∞-AE on a summary (λ re-chosen on the grid by
+    ``config.select_metric``) and scores every user from their train row.
+
+    Step 0 — the binary rows of the ``budget`` random real users the logits start from — is an
+    evaluation like the others: the summary returned is the best of all evaluations by the
+    selection metric (ties keep the earliest), so it is never worse on validation than that
+    start (``best_step`` 0 then, and the summary is those rows). Patience counts steps since the
+    best evaluation: the run stops at the first evaluation that does not improve on the best
+    when at least ``patience`` steps separate them. The last step is always evaluated.
+
+    ``on_step(info)`` is called after step 0 and after every step with ``step, loss, seconds,
+    evaluated, select_metric, val_<metric>`` (this step's value, or None), ``last_val_<metric>``,
+    ``best_val_<metric>``, ``best_step``, ``lambda`` and, at evaluated steps, ``val`` (all
+    validation metrics at the kept λ), ``lambda_path`` (``[λ, value]`` of the selection metric
+    for the whole grid) and ``eval_seconds``. ``<metric>`` is ``config.select_metric``.
     """
     train = sp.csr_matrix(train, dtype=np.float32, copy=True)
     train.data[:] = 1.0  # implicit feedback: binary (on our copy)
     n_users, n_items = train.shape
     if config.budget * n_items >= 2**32:
         raise ValueError("budget × items must stay below 2^32 (the noise counter is 32-bit)")
+    metric = check_select_metric(config.select_metric, val)
     counts = np.diff(train.indptr)
     active = np.flatnonzero(counts > 0)
     cardinality_norm = float(train.nnz) / n_users
-    metric = config.select_metric
     key_name = f"val_{metric}"
 
     init_users = random_user_indices(train, config.budget, config.seed)
@@ -478,18 +493,23 @@ def distill(
     root = jax.random.key(config.seed)
     train_root, eval_root = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
 
-    lam, init_val = _validate(init_rows, val, config)
+    start = time.perf_counter()
+    lam, init_val, lam_path = _validate(init_rows, val, config)
+    # the best evaluation so far: (value, step, summary, λ, validation metrics); step 0 included
+    best: tuple[float, int, np.ndarray, float, dict[str, float]] = (
+        init_val[metric], 0, init_rows, lam, init_val)
     history: list[dict[str, Any]] = []
     record: dict[str, Any] = {"step": 0, "loss": None, "seconds": 0.0, "evaluated": True,
-                              key_name: init_val[metric], f"last_{key_name}": init_val[metric],
-                              f"best_{key_name}": None, "best_step": None, "lambda": lam,
-                              "val": init_val}
+                              "select_metric": metric, key_name: init_val[metric],
+                              f"last_{key_name}": init_val[metric],
+                              f"best_{key_name}": init_val[metric], "best_step": 0,
+                              "lambda": lam, "val": init_val, "lambda_path": lam_path,
+                              "eval_seconds": time.perf_counter() - start}
     history.append(record)
     if on_step is not None:
         on_step(dict(record))
 
     state = adam_init(jnp.asarray(init_rows))
-    best: tuple[float, int, np.ndarray, float, dict[str, float]] | None = None
     last_value = init_val[metric]
     step_seconds: list[float] = []
     steps_run = 0
@@ -510,31 +530,28 @@ def distill(
             raise FloatingPointError(f"Distill-CF loss is {loss_value} at step {step}")
 
         record = {"step": step, "loss": loss_value, "seconds": seconds, "evaluated": False,
-                  key_name: None, "lambda": lam}
+                  "select_metric": metric, key_name: None, "lambda": lam}
         stop = False
-        if config.is_eval_step(step):
+        if config.is_eval_step(step) or step == config.max_steps:
+            start = time.perf_counter()
             summary = np.asarray(sample_fn(state.params, jax.random.fold_in(eval_root, step)))
-            lam, val_metrics = _validate(summary, val, config)
+            lam, val_metrics, lam_path = _validate(summary, val, config)
             last_value = val_metrics[metric]
             record.update({"evaluated": True, key_name: last_value, "lambda": lam,
-                           "val": val_metrics})
-            if best is None or last_value > best[0]:
+                           "val": val_metrics, "lambda_path": lam_path,
+                           "eval_seconds": time.perf_counter() - start})
+            if last_value > best[0]:
                 best = (last_value, step, summary, lam, val_metrics)
             elif step - best[1] >= config.patience:
                 stop = True
-        record.update({f"last_{key_name}": last_value,
-                       f"best_{key_name}": None if best is None else best[0],
-                       "best_step": None if best is None else best[1]})
+        record.update({f"last_{key_name}": last_value, f"best_{key_name}": best[0],
+                       "best_step": best[1]})
         history.append(record)
         if on_step is not None:
             on_step(dict(record))
         if stop:
             break
 
-    if best is None:  # no evaluation was scheduled: validate the final logits
-        summary = np.asarray(sample_fn(state.params, jax.random.fold_in(eval_root, steps_run)))
-        lam_final, val_metrics = _validate(summary, val, config)
-        best = (val_metrics[metric], steps_run, summary, lam_final, val_metrics)
     timed = step_seconds[1:] or step_seconds
     return DistillResult(
         summary=np.clip(best[2], 0.0, 1.0).astype(np.float32),

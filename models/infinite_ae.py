@@ -31,7 +31,7 @@ import scipy.sparse as sp
 
 from models.kernels import NTKConfig, accelerated as _accelerated, ntk_from_dots, pad_rows, row_sq_norms
 from models.linalg import spd_solve
-from models.metrics import RankingAccumulator, top_k_unseen
+from models.metrics import METRIC_KEYS, RankingAccumulator, top_k_unseen
 
 FULL_DATA_LAMBDAS: tuple[float, ...] = (0.0, 1.0, 5.0, 20.0, 50.0, 100.0)
 SUMMARY_LAMBDAS: tuple[float, ...] = (1e-5, 1e-3, 0.1, 1.0, 5.0, 50.0)
@@ -39,6 +39,17 @@ SUMMARY_LAMBDAS: tuple[float, ...] = (1e-5, 1e-3, 0.1, 1.0, 5.0, 50.0)
 STABILISING_JITTER = 1e-4
 # history batches sparser than this are multiplied in sparse form (else densified for BLAS)
 SPARSE_DOT_MAX_DENSITY = 0.005
+
+
+def check_select_metric(select_metric: str, data: "EvalSet | None" = None) -> str:
+    """``select_metric`` if it is one of :data:`models.metrics.METRIC_KEYS` (and, for ``auc``,
+    ``data`` has AUC negatives); else ``ValueError``."""
+    if select_metric not in METRIC_KEYS:
+        raise ValueError(f"unknown selection metric {select_metric!r}; expected one of "
+                         f"{', '.join(METRIC_KEYS)}")
+    if select_metric == "auc" and data is not None and data.negatives is None:
+        raise ValueError("selection metric 'auc' needs an evaluation set with AUC negatives")
+    return select_metric
 
 
 class SingularKernelWarning(UserWarning):
@@ -288,14 +299,15 @@ def evaluate_score_batches(batches: Iterable[tuple[int, np.ndarray]], data: Eval
     on ``threads``. A batch's scores are overwritten (seen items masked in place); a producer
     that reuses buffers needs ``threads + 1`` of them.
 
-    ``metrics``: the keys wanted (default: all). When that is ``hr@{k_max}`` alone, only the
-    unordered top-``k_max`` sets are computed — the same value as in the full set, at about half
-    the cost (a λ search on validation HR@100 needs nothing else for the λ it does not keep).
+    ``metrics``: the keys wanted (default: all). Only what they need is computed
+    (:func:`evaluation_plan`), each value the same as in the full set: ``hr@k`` alone needs the
+    unordered top-k sets, metrics at k = 10 alone the sorted top 10, AUC the raw scores of
+    targets and negatives. A λ search ranks that little for the λ it does not keep.
     """
     threads = EVAL_THREADS if threads is None else max(1, int(threads))
-    hit_rate_only = metrics is not None and set(metrics) == {f"hr@{k_max}"}
-    work = functools.partial(_batch_metrics, data=data, k_max=k_max, hit_rate_only=hit_rate_only)
-    acc = RankingAccumulator(weights=data.weights)
+    plan = evaluation_plan(metrics, k_max)
+    work = functools.partial(_batch_metrics, data=data, plan=plan)
+    acc = RankingAccumulator(weights=data.weights, ks=plan.ks)
     if threads == 1:
         for start, scores in batches:
             acc.merge(work(start, scores))
@@ -312,20 +324,50 @@ def evaluate_score_batches(batches: Iterable[tuple[int, np.ndarray]], data: Eval
     return result if metrics is None else {key: result[key] for key in metrics if key in result}
 
 
-def _batch_metrics(start: int, scores: np.ndarray, data: EvalSet, k_max: int,
-                   hit_rate_only: bool = False) -> RankingAccumulator:
-    part = RankingAccumulator(weights=data.weights)
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """What :func:`evaluate_score_batches` computes for a set of wanted metrics."""
+
+    ks: tuple[int, ...]  # cut-offs ranked (the longest list is max(ks))
+    sort: bool  # False: unordered top-k sets, for a lone hit rate
+    auc: bool  # pool target and negative scores for the AUC
+
+
+def evaluation_plan(metrics: Iterable[str] | None, k_max: int = 100) -> EvaluationPlan:
+    """The least work that gives ``metrics`` (None: all, at cut-offs 10 and ``k_max``).
+
+    Every value is the one the full computation gives: the top-k lists are the first k items of
+    the same tie-broken order (:func:`models.metrics.top_k_unseen`), and each metric at k only
+    reads the first k of them.
+    """
+    full_ks = tuple(sorted({10, int(k_max)}))
+    if metrics is None:
+        return EvaluationPlan(ks=full_ks, sort=True, auc=True)
+    wanted = set(metrics)
+    ranking = {key for key in wanted if key != "auc"}
+    ks = tuple(sorted({int(key.split("@", 1)[1]) for key in ranking})) or (min(full_ks),)
+    if not set(ks) <= set(full_ks):
+        raise ValueError(f"metrics {sorted(ranking)}: cut-offs other than {full_ks} are not computed")
+    auc = "auc" in wanted
+    if len(ranking) == 1 and next(iter(ranking)).startswith("hr@"):
+        return EvaluationPlan(ks=ks, sort=False, auc=auc)
+    return EvaluationPlan(ks=ks, sort=True, auc=auc)
+
+
+def _batch_metrics(start: int, scores: np.ndarray, data: EvalSet,
+                   plan: EvaluationPlan) -> RankingAccumulator:
+    part = RankingAccumulator(weights=data.weights, ks=plan.ks)
     stop = start + scores.shape[0]
     targets = data.targets[start:stop]
     seen = data.seen[start:stop]
-    if hit_rate_only:
-        top = top_k_unseen(scores, seen, k_max, overwrite=True, sort=False)
-        part.add_hit_rates({k_max: top}, targets)
-        return part
-    if data.negatives is not None:
+    if plan.auc and data.negatives is not None:
         part.add_auc(scores, targets, data.negatives[start:stop])
     # the batch is ours to overwrite: mask seen items in place
-    part.add(top_k_unseen(scores, seen, k_max, overwrite=True), targets)
+    top = top_k_unseen(scores, seen, max(plan.ks), overwrite=True, sort=plan.sort)
+    if not plan.sort:
+        part.add_hit_rates({plan.ks[0]: top}, targets)
+    else:
+        part.add(top, targets)
     return part
 
 
@@ -400,18 +442,24 @@ def fit_select(
 ) -> tuple[InfAE, list[LambdaResult]]:
     """Fit ∞-AE for every λ of the grid (one K), keep the best on validation ``select_metric``.
 
+    ``select_metric``: any of :data:`models.metrics.METRIC_KEYS` (``hr@100`` is the paper's rule;
+    ties keep the first λ of the grid).
     ``support_is_val_context``: the support rows are exactly ``val.context`` (same users, same
     order) — then validation scores are ``X − λ̃α`` (exact, no extra matrix product).
-    ``path_metrics``: the validation metrics computed for every λ (default: all); the kept λ
-    always gets all of them. ``("hr@100",)`` with the default ``select_metric`` ranks only
-    what the choice needs (:func:`evaluate_score_batches`).
+    ``path_metrics``: the validation metrics reported for every λ (default: all); the kept λ
+    always gets all of them, and ``select_metric`` is always among them. The λ not kept are
+    ranked only for what these need (:func:`evaluation_plan`: ``("hr@100",)`` the unordered top
+    100, ``("ndcg@10",)`` the top 10, no AUC), with the same values as in the full computation.
     Returns the best model and the whole λ path (validation metrics of each λ).
     """
+    check_select_metric(select_metric, val)
     x = _dense32(support)
     lambdas = list(lambdas)
     if not lambdas:
         raise ValueError("the λ grid is empty")
     wanted = None if path_metrics is None else list(dict.fromkeys([*path_metrics, select_metric]))
+    # ask for less only when that is less work; else every λ gets every metric (no re-scoring)
+    reduced = wanted is not None and evaluation_plan(wanted) != evaluation_plan(None)
     if kernel is None:
         kernel = kernel_matrix(x, config)
     cross = None
@@ -440,6 +488,7 @@ def fit_select(
     best: LambdaResult | None = None
     best_alpha: np.ndarray | None = None  # None while the best λ is one that needed no solve
     best_value = -math.inf
+    best_computed: dict[str, float] = {}
     workspace = SolveWorkspace()  # one factor buffer and ≤ 2 α buffers for the whole grid
     for lam in lambdas:
         alpha: np.ndarray | None = None
@@ -448,7 +497,9 @@ def fit_select(
         # λ = 0 scored on the support needs no solve (exact, above) unless it is the λ kept
         if not (support_is_val_context and lam_scaled == 0.0):
             alpha, lam_scaled, stabilised = _solve_recording(kernel, x, lam, workspace)
-        metrics = evaluate_score_batches(score_batches(alpha, lam_scaled), val, metrics=wanted)
+        computed = evaluate_score_batches(score_batches(alpha, lam_scaled), val,
+                                          metrics=wanted if reduced else None)
+        metrics = computed if wanted is None else {k: computed[k] for k in wanted if k in computed}
         result = LambdaResult(lam=float(lam), lam_scaled=lam_scaled, val=metrics, stabilised=stabilised)
         path.append(result)
         if on_lambda is not None:
@@ -456,12 +507,14 @@ def fit_select(
         if metrics[select_metric] > best_value:
             best_value = metrics[select_metric]
             workspace.give_back(best_alpha)  # the previous best's α is free for the next λ
-            best, best_alpha = result, alpha
+            best, best_alpha, best_computed = result, alpha, computed
         else:
             workspace.give_back(alpha)
     assert best is not None
-    if wanted is not None:  # the kept λ gets every metric, scored exactly as on the path
+    if reduced:  # the kept λ gets every metric, scored exactly as on the path
         best.val = evaluate_score_batches(score_batches(best_alpha, best.lam_scaled), val)
+    elif wanted is not None:
+        best.val = best_computed
     if best_alpha is None:  # the kept λ was scored without a solve (λ = 0): solve it now
         best_alpha, best.lam_scaled, best.stabilised = _solve_recording(kernel, x, best.lam, workspace)
     model = InfAE(support=x, alpha=best_alpha, lam=best.lam, lam_scaled=best.lam_scaled, config=config)

@@ -9,7 +9,8 @@ Definitions (``../shared/docs/algorithms.md``, "Evaluation"); for a user with ta
   with propensity weights ``w_j = 1 + C (n_j + B)^(-A)``, ``A = 0.55``, ``B = 1.5``,
   ``C = (ln N − 1)(B + 1)^A`` (the reference divides only the numerator by ``min(p, k)``).
 * ``AUC``: one global AUC over the pooled scores of every user's targets (label 1) and of their
-  50 sampled negatives (label 0), taken before seen items are masked.
+  50 sampled negatives (label 0, items in neither their train nor test set), taken before seen
+  items are masked.
 
 Every metric but AUC is reported ×100, averaged over users with ``p ≥ 1``. No file I/O here.
 """
@@ -42,10 +43,11 @@ def top_k_unseen(
 ) -> np.ndarray:
     """Indices of the ``k`` best items per row of ``scores`` with ``seen`` items excluded.
 
-    Rows are ranked by descending score, ties broken by the lower item index; which of several
-    items tied at the k-th score make the cut is up to NumPy's (deterministic) selection. NaN
-    scores rank last. ``scores`` is modified only if ``overwrite``. ``sort=False`` returns the
-    same k items per row unordered (all a hit rate needs).
+    Rows are ranked by descending score, ties broken by the lower item index — also at the cut:
+    the result is the first ``k`` items of that order, so ``top_k_unseen(s, seen, k)`` equals
+    ``top_k_unseen(s, seen, K)[:, :k]`` for any ``K > k``. NaN scores rank last. ``scores`` is
+    modified only if ``overwrite``. ``sort=False`` returns the same k items per row unordered (all
+    a hit rate needs).
     """
     if overwrite and scores.dtype == np.float32 and scores.flags.writeable:
         s = scores
@@ -65,6 +67,7 @@ def top_k_unseen(
         part = np.empty((n, k), dtype=np.intp)
         for r in range(0, n, _PARTITION_ROWS):
             part[r : r + _PARTITION_ROWS] = np.argpartition(s[r : r + _PARTITION_ROWS], m - k, axis=1)[:, m - k :]
+        _lowest_index_at_the_cut(s, part)
     else:
         part = np.broadcast_to(np.arange(m), (n, m)).copy()
     if not sort:
@@ -73,6 +76,22 @@ def top_k_unseen(
     # lexsort: last key is primary → sort by -score, then by item index
     order = np.lexsort((part, -part_scores), axis=1)
     return np.take_along_axis(part, order, axis=1)
+
+
+def _lowest_index_at_the_cut(s: np.ndarray, part: np.ndarray) -> None:
+    """Where items tied at a row's k-th score straddle the cut, keep the lowest-index ones.
+
+    ``part`` (rows × k) holds the k items argpartition selected; a row needs fixing only when more
+    than k items score at least its k-th score. Rewritten in place (rare: exact ties of float
+    scores at the cut), so the selection no longer depends on the selection algorithm.
+    """
+    k = part.shape[1]
+    kth = np.take_along_axis(s, part, axis=1).min(axis=1)
+    tied = np.flatnonzero(np.count_nonzero(s >= kth[:, None], axis=1) > k)
+    for row in tied:
+        above = np.flatnonzero(s[row] > kth[row])
+        at = np.flatnonzero(s[row] == kth[row])[: k - len(above)]
+        part[row] = np.concatenate([above, at])
 
 
 @dataclass
@@ -215,11 +234,13 @@ def pooled_auc(pos: np.ndarray, neg: np.ndarray) -> float:
 def sample_negatives(
     positives: sp.csr_matrix, n_neg: int, seed: int, batch_size: int = 1024
 ) -> np.ndarray:
-    """``n_neg`` distinct items per user, drawn with a fixed seed among items the user never saw.
+    """``n_neg`` distinct items per user, drawn with a fixed seed among items not in ``positives``.
 
-    ``positives`` (users × items) holds every known interaction of each user (train, val and
-    test), so a negative is in neither the user's train nor test set. Each user gets a uniform
-    random subset (the ``n_neg`` smallest of i.i.d. uniform keys over their unseen items).
+    ``positives`` (users × items) holds the interactions a negative must avoid. For the paper's
+    AUC that is each user's train + test rows (``tasks.data.Dataset.negatives``): a negative is in
+    neither their train nor test set, and a validation item may be one, as in the reference. Each
+    user gets a uniform random subset (the ``n_neg`` smallest of i.i.d. uniform keys over the
+    items not in their row).
     """
     positives = sp.csr_matrix(positives)
     n, m = positives.shape

@@ -48,8 +48,11 @@ class Dataset:
 
     @cached_property
     def negatives(self) -> np.ndarray:
-        """50 AUC negatives per user (fixed seed), among items the user never interacted with."""
-        return sample_negatives(self.train + self.val + self.test, AUC_NEGATIVES, AUC_SEED)
+        """50 AUC negatives per user (fixed seed), among items in neither the user's train nor test
+        set — validation items may be drawn, as the specification and the reference implementation
+        do (``../shared/docs/algorithms.md``, "Evaluation"). The same negatives serve validation
+        and test."""
+        return sample_negatives(self.train + self.test, AUC_NEGATIVES, AUC_SEED)
 
     def val_set(self) -> EvalSet:
         """Validation: context = train rows, targets = validation items."""

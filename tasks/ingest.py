@@ -13,15 +13,17 @@ Pipeline (see docs/algorithms.md, "Data and protocol"):
 3. de-duplicate (user, item) pairs: one row is kept; with a split column, the row with the
    earliest split in the order train < val < test is kept;
 4. implicit binarisation: every remaining interaction is a positive (ratings are not written);
-5. drop users with fewer than ``min_user_interactions`` interactions (their total count, also
-   when the file has a split column);
-6. split: the file's ``split`` column as is (users without train rows are kept), or the paper's
-   random protocol with ``seed`` (see ``random_split``: it reproduces the reference ML-1M split's
-   per-user counts exactly);
-7. contiguous re-indexing: users by sorted raw id -> 0..U-1, items by sorted raw id -> 0..I-1,
+5. split: a file with a ``split`` column is used as is — after exact duplicates collapse nothing
+   else is dropped (every user with any row is kept, also one without train rows); otherwise
+   infrec draws the paper's random split with ``seed`` (see ``random_split``: it reproduces the
+   reference ML-1M split's per-user counts exactly) over the users with at least
+   ``min_user_interactions`` distinct interactions (the paper's protocol: 3), the others dropped;
+6. contiguous re-indexing: users by sorted raw id -> 0..U-1, items by sorted raw id -> 0..I-1,
    over the kept rows only.
 
-Same input + seed => byte-identical outputs.
+Same input content + parameters => byte-identical outputs, wherever the input lies: the manifest
+records the input's base name, size and SHA-256, never its path (so a data version does not depend
+on where the repository is checked out).
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ def ingest(
     ``fmt``: "movielens", "csv", "tsv" or "parquet" (default: by extension, else by sniffing).
     ``columns``: role ("user", "item", "rating", "timestamp", "split") -> column name, for CSV/TSV
     and Parquet (ignored for ratings.dat); unnamed roles are found by their usual aliases.
+    ``min_user_interactions``: users with fewer distinct interactions are dropped before infrec
+    draws the split; not applied to a file that brings its own ``split`` column (kept as is).
     Returns the manifest (also written as ``out_dir/manifest.json``). Raises ``InputError`` with
     a one-line message on bad input; in that case nothing is left on disk. ``label``: how error
     messages name the input (default: its path), e.g. the user's file when reading a snapshot.
@@ -112,13 +116,15 @@ def ingest(
     tables, counts, filtered, split_source = processed
     manifest = {
         "format_version": FORMAT_VERSION,
-        # the file's name and content, never its path: the data hash must not depend on where
-        # the file or the checkout lies
-        "input": {"name": Path(src).name, "sha256": sha, "format": detected},
+        # the file's name, size and content, never its path: the data hash must not depend on
+        # where the file or the checkout lies
+        "input": {"name": Path(src).name, "size": input_path.stat().st_size, "sha256": sha,
+                  "format": detected},
         "seed": seed,
         "split_source": split_source,
         "min_rating": min_rating,
-        "min_user_interactions": min_user_interactions,
+        # applied only to a split infrec draws (null: the file's own split, used as is)
+        "min_user_interactions": None if split_source == "file" else min_user_interactions,
         "counts": counts,
         "filtered": filtered,
     }
@@ -624,13 +630,12 @@ def _process(df: pl.DataFrame, src: str, seed: int, min_rating, min_user_interac
 
     per_user = np.bincount(u, minlength=len(user_ids))
     users_before = int(np.count_nonzero(per_user))
-    keep_user = per_user >= min_user_interactions
+    # a given split is used as is: every user with a row stays; infrec's own split needs a few
+    keep_user = per_user >= (1 if has_split else min_user_interactions)
     users = int(keep_user.sum())
     if users < 2:
-        raise InputError(
-            f"{src}: only {users} user(s) with >= {min_user_interactions} interactions after "
-            f"filtering; need at least 2"
-        )
+        need = "a row" if has_split else f">= {min_user_interactions} interactions"
+        raise InputError(f"{src}: only {users} user(s) with {need} after filtering; need at least 2")
     rows_before = len(u)
     if users < users_before:
         kept = keep_user[u]

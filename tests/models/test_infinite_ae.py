@@ -236,3 +236,45 @@ def test_hit_rate_only_evaluation_equals_the_full_one_with_ties():
         fast = evaluate_score_batches([(0, scores[:50].copy()), (50, scores[50:].copy())], ev,
                                       metrics=["hr@100"])
         assert fast == {"hr@100": full["hr@100"]}
+
+
+@pytest.mark.parametrize("wanted", [["ndcg@10"], ["hr@10"], ["hr@10", "ndcg@10", "psp@10"],
+                                    ["auc"], ["ndcg@10", "auc"], ["ndcg@100"], ["hr@100", "auc"],
+                                    ["psp@100"]])
+def test_reduced_evaluations_equal_the_full_one(wanted):
+    """Asking for fewer metrics computes less, never different values (ties included)."""
+    from models.infinite_ae import evaluation_plan
+
+    train, val, w = low_rank_data(8, n=90, m=150)
+    negatives = np.stack([np.random.default_rng(u).choice(150, 20, replace=False) for u in range(90)])
+    ev = EvalSet(context=train, targets=val, weights=w, negatives=negatives)
+    rng = np.random.default_rng(1)
+    for scores in (train.toarray(), rng.integers(0, 3, (90, 150)).astype(np.float32),
+                   rng.standard_normal((90, 150)).astype(np.float32)):
+        batches = lambda: [(0, scores[:50].copy()), (50, scores[50:].copy())]  # noqa: E731
+        full = evaluate_score_batches(batches(), ev)
+        reduced = evaluate_score_batches(batches(), ev, metrics=wanted)
+        assert reduced == {key: full[key] for key in wanted}
+    assert evaluation_plan(["ndcg@10"]).ks == (10,) and not evaluation_plan(["ndcg@10"]).auc
+    assert evaluation_plan(["hr@100"]).sort is False
+    assert evaluation_plan(None) == evaluation_plan(["hr@10", "ndcg@100", "auc"])
+    with pytest.raises(ValueError, match="cut-offs"):
+        evaluation_plan(["ndcg@5"])
+
+
+def test_fit_select_path_metrics_ndcg_keeps_every_figure():
+    train, val, w = low_rank_data(7, n=260, m=140)
+    ev = EvalSet(context=train, targets=val, weights=w,
+                 negatives=np.tile(np.arange(5), (train.shape[0], 1)))
+    grid = [0.0, 1.0, 5.0, 50.0]
+    for is_ctx in (True, False):
+        full_model, full = fit_select(train, ev, grid, support_is_val_context=is_ctx,
+                                      select_metric="ndcg@10")
+        fast_model, fast = fit_select(train, ev, grid, support_is_val_context=is_ctx,
+                                      select_metric="ndcg@10", path_metrics=("ndcg@10",))
+        assert fast_model.lam == full_model.lam
+        for a, b in zip(fast, full):
+            if a.lam == fast_model.lam:
+                assert a.val == b.val
+            else:
+                assert a.val == {"ndcg@10": b.val["ndcg@10"]}

@@ -146,3 +146,18 @@ def test_no_target_users_is_an_error():
     acc.add(np.zeros((1, 100), dtype=int)[:, :3], sp.csr_matrix((1, 3)))
     with pytest.raises(ValueError, match="no user"):
         acc.result()
+
+
+def test_top_k_breaks_ties_at_the_cut_by_lower_index():
+    rng = np.random.default_rng(5)
+    scores = rng.integers(0, 4, (300, 150)).astype(np.float32)  # ties everywhere, also at the cut
+    seen = sp.csr_matrix(rng.random((300, 150)) < 0.1)
+    full = top_k_unseen(scores, seen, 100)
+    masked = np.where(seen.toarray(), -np.inf, scores)
+    for row in range(300):  # the first k of (score desc, index asc)
+        expected = np.lexsort((np.arange(150), -masked[row]))[:100]
+        np.testing.assert_array_equal(full[row], expected)
+    for k in (1, 10, 37):
+        np.testing.assert_array_equal(top_k_unseen(scores, seen, k), full[:, :k])
+        unsorted = top_k_unseen(scores, seen, k, sort=False)
+        np.testing.assert_array_equal(np.sort(unsorted, axis=1), np.sort(full[:, :k], axis=1))

@@ -101,8 +101,8 @@ def test_each_format_gives_the_same_outputs(inputs, tmp_path, fmt):
     out = tmp_path / f"out-{fmt}"
     m = ingest(inputs[fmt], out, seed=3)
     assert m["input"]["format"] == fmt
-    assert m["input"]["name"] == inputs[fmt].name  # the file's name, never its path
-    assert m["input"]["sha256"] == sha(inputs[fmt])
+    assert m["input"] == {"name": inputs[fmt].name, "size": inputs[fmt].stat().st_size,
+                          "sha256": sha(inputs[fmt]), "format": fmt}
     assert m["split_source"] == "random"
     assert m["counts"] == {
         "rows": 12, "users": 3, "items": 7, "train": m["counts"]["train"], "val": m["counts"]["val"],
@@ -174,20 +174,110 @@ def test_split_column_used_as_is(tmp_path):
         (1, 11, "train"), (1, 12, "train"), (1, 13, "val"), (1, 14, "test"),
         (2, 11, "train"), (2, 15, "test"), (2, 16, "train"),
         (3, 12, "val"), (3, 13, "test"), (3, 14, "test"),  # no train rows: kept and evaluated
-        (4, 11, "train"), (4, 12, "test"),  # 2 interactions: dropped
+        (4, 11, "train"), (4, 12, "test"),  # 2 interactions: kept too (the split is the file's)
     ]
     src = tmp_path / "split.csv"
     src.write_text("user_id,item_id,split\n" + "".join(f"{u},{i},{s}\n" for u, i, s in rows))
     out = tmp_path / "out"
     m = ingest(src, out, seed=123)
     assert m["split_source"] == "file"
-    assert m["counts"] == {"rows": 10, "users": 3, "items": 6, "train": 4, "val": 2, "test": 4, "dropped_users": 1}
+    assert m["counts"] == {"rows": 12, "users": 4, "items": 6, "train": 5, "val": 2, "test": 5, "dropped_users": 0}
+    assert m["min_user_interactions"] is None  # not applied to a given split
     back = raw_pairs(out)
-    assert back.rows() == sorted(r for r in rows if r[0] != 4)
+    assert back.rows() == sorted(rows)
     # the seed is irrelevant with a split column
     out2 = tmp_path / "out2"
     ingest(src, out2, seed=999)
     assert sha(out / "interactions.parquet") == sha(out2 / "interactions.parquet")
+
+
+def test_given_split_keeps_every_user_with_a_target(tmp_path):
+    """Only exact duplicates collapse: a user with a single test row, or one train and one test
+    row, is still there to be evaluated, whatever ``min_user_interactions`` says."""
+    rows = [
+        (1, 11, "train"), (1, 12, "train"), (1, 13, "val"), (1, 14, "test"),
+        (2, 11, "train"), (2, 12, "test"),
+        (3, 13, "test"),  # one row, a test target
+        (4, 12, "val"), (4, 12, "val"),  # one validation target, written twice
+        (5, 11, "train"), (5, 11, "test"),  # the same pair twice: the earliest split (train) stays
+        (6, 14, "train"),  # train only: kept (it is a row), no target
+    ]
+    src = tmp_path / "split.csv"
+    src.write_text("user_id,item_id,split\n" + "".join(f"{u},{i},{s}\n" for u, i, s in rows))
+    for min_users in (3, 10):
+        out = tmp_path / f"out{min_users}"
+        m = ingest(src, out, min_user_interactions=min_users)
+        assert m["counts"]["users"] == 6 and m["counts"]["dropped_users"] == 0
+        assert m["filtered"]["duplicates"] == 2 and m["filtered"]["rows_of_dropped_users"] == 0
+        assert raw_pairs(out).rows() == sorted(set(rows) - {(5, 11, "test")})
+    from tasks.data import load_dataset
+
+    data = load_dataset(tmp_path / "out3")
+    with_target = set(np.flatnonzero(np.diff((data.val + data.test).tocsr().indptr) > 0))
+    assert {int(data.user_ids[u]) for u in with_target} == {1, 2, 3, 4}
+    assert data.test.shape[0] == data.train.shape[0] == 6
+
+
+def test_min_user_interactions_applies_to_drawn_splits(tmp_path):
+    # users 10 (4 items), 20 (3), 30 (5), 40 (2)
+    src = write_csv(tmp_path / "r.csv")
+    for min_users, kept in ((1, [10, 20, 30, 40]), (2, [10, 20, 30, 40]), (3, [10, 20, 30]),
+                            (5, [30])):
+        if len(kept) < 2:
+            with pytest.raises(InputError, match="only 1 user"):
+                ingest(src, tmp_path / f"o{min_users}", min_user_interactions=min_users)
+            continue
+        m = ingest(src, tmp_path / f"o{min_users}", min_user_interactions=min_users)
+        assert m["split_source"] == "random" and m["min_user_interactions"] == min_users
+        assert read(tmp_path / f"o{min_users}", "user_map.parquet")["raw_id"].to_list() == kept
+        assert m["counts"]["dropped_users"] == 4 - len(kept)
+
+
+def test_manifest_and_data_version_do_not_depend_on_the_input_location(inputs, tmp_path):
+    from tasks.data import load_dataset
+
+    elsewhere = tmp_path / "somewhere" / "else"
+    elsewhere.mkdir(parents=True)
+    copy = elsewhere / inputs["csv"].name
+    copy.write_bytes(inputs["csv"].read_bytes())
+    a, b = tmp_path / "a", tmp_path / "deeper" / "b"
+    ingest(inputs["csv"], a, seed=2)
+    ingest(copy, b, seed=2)
+    for name in ("interactions.parquet", "user_map.parquet", "item_map.parquet", "manifest.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    text = (a / "manifest.json").read_text()
+    assert str(tmp_path) not in text and "path" not in json.loads(text)["input"]
+    assert load_dataset(a).data_version == load_dataset(b).data_version
+
+
+def test_auc_negatives_follow_the_specification(tmp_path):
+    """Negatives are items in neither the user's train nor test set: validation items may be
+    drawn (``../shared/docs/algorithms.md``, as the reference does), train and test items never."""
+    from tasks.data import AUC_NEGATIVES, load_dataset
+
+    # 60 items. User 1: train 0-4, test 5-9, validation 10-19: exactly 50 items are neither train
+    # nor test for it (10-59), so its 50 negatives must be all of them, its validation items too.
+    rows = [(1, i, "train") for i in range(5)] + [(1, i, "test") for i in range(5, 10)]
+    rows += [(1, i, "val") for i in range(10, 20)]
+    for k, user in enumerate(range(2, 7)):  # users 2-6 cover items 20-59: 7 train + 1 test each
+        items = list(range(20 + 8 * k, 28 + 8 * k))
+        rows += [(user, i, "train") for i in items[:7]] + [(user, items[7], "test")]
+        rows += [(user, items[0] - 20, "val")]
+    src = tmp_path / "split.csv"
+    src.write_text("user_id,item_id,split\n" + "".join(f"{u},{1000 + i},{s}\n" for u, i, s in rows))
+    ingest(src, tmp_path / "out")
+    data = load_dataset(tmp_path / "out")
+    assert data.n_items == 60 and AUC_NEGATIVES == 50
+    negatives = data.negatives
+    assert negatives.shape == (6, 50)
+    assert sorted(data.item_ids[negatives[0]] - 1000) == list(range(10, 60))
+    train, val, test = data.train.toarray(), data.val.toarray(), data.test.toarray()
+    for u in range(6):
+        assert len(set(negatives[u])) == 50
+        assert not train[u, negatives[u]].any() and not test[u, negatives[u]].any()
+    assert val[np.arange(6)[:, None], negatives].sum() > 10  # validation items are drawn
+    # the same negatives for validation and test, as in the reference
+    assert data.val_set().negatives is data.test_set().negatives
 
 
 def expected_counts(n: int) -> tuple[int, int, int]:

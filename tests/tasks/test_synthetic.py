@@ -138,3 +138,41 @@ def test_cli_generate_then_ingest(tmp_path):
     m = ingest(csv_path, tmp_path / "out", seed=1)
     assert m["counts"]["users"] == 200 and m["counts"]["rows"] == stats["rows"]
     assert hashlib.sha256(csv_path.read_bytes()).hexdigest() == m["input"]["sha256"]
+
+
+# -- the 900 × 400 log of low-rank tastes plus popularity ---------------------------------------
+def test_taste_popularity_shape_and_density():
+    from tasks.synthetic import generate_taste_popularity
+
+    df = generate_taste_popularity()
+    assert df.schema == pl.Schema({"user_id": pl.Int64, "item_id": pl.Int64, "timestamp": pl.Int64})
+    assert df["user_id"].n_unique() == 900 and df["item_id"].n_unique() <= 400
+    assert df["user_id"].min() == 5000 and df["item_id"].min() >= 2
+    assert df.select("user_id", "item_id").is_duplicated().sum() == 0
+    assert df.equals(df.sort("user_id", "timestamp"))
+    per_user = df.group_by("user_id").len()["len"]
+    assert per_user.min() >= 5 and per_user.max() <= 100
+    assert 30 <= per_user.median() <= 50  # ≈ 10% of the catalogue: a dense log
+    counts = np.sort(df.group_by("item_id").len()["len"].to_numpy())[::-1]
+    assert counts[: len(counts) // 10].sum() / counts.sum() > 0.2  # popular items stand out
+
+
+def test_write_taste_popularity_is_deterministic_and_atomic(tmp_path):
+    from tasks.synthetic import generate_taste_popularity, write_taste_popularity
+
+    a, b, c = tmp_path / "a.csv", tmp_path / "sub" / "b.csv", tmp_path / "c.csv"
+    stats = write_taste_popularity(a)
+    write_taste_popularity(b)
+    write_taste_popularity(c, seed=1)
+    assert a.read_bytes() == b.read_bytes() and a.read_bytes() != c.read_bytes()
+    assert stats == {"path": str(a), "rows": generate_taste_popularity().height, "users": 900,
+                     "items": pl.read_csv(a)["item_id"].n_unique()}
+    assert a.read_text().splitlines()[0] == "user_id,item_id,timestamp"
+    # the file the benchmarks were measured on (NumPy's PCG64 streams are stable across machines)
+    assert hashlib.sha256(a.read_bytes()).hexdigest() == (
+        "b3dca0c929fa12502b0647702fd664bce82feb67846bdc391d571df49e7f1dfa")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "c.csv", "sub"]
+    with pytest.raises(InputError, match="items"):
+        write_taste_popularity(tmp_path / "x.csv", n_items=10)
+    m = ingest(a, tmp_path / "out", seed=0)
+    assert m["counts"]["users"] == 900 and m["counts"]["dropped_users"] == 0

@@ -1,0 +1,127 @@
+"""The whole pipeline on a real file, as a user runs it: `infrec run --input FILE` with the shipped
+params.yaml, in a temporary git + DVC workspace (its own state dir, MLflow database and local DVC
+remote; a temporary Prefect server), then the figures it recorded.
+
+    .venv/bin/python -m bench.pipeline --input ../shared/data/ml-1m/interactions.parquet
+
+Progress goes to stderr; the last stdout line is one JSON object::
+
+    {"seconds": {"ingest": s, …, "promote": s, "total": s}, "candidate": {"val": {…}, "test": {…}},
+     "random": {"test": {…}}, "full": {"test": {…}}, "fidelity": f, "promoted": bool,
+     "reasons": [...], "selection_metric": "ndcg@10", "distill": {...}, "loadavg": [...]}
+
+``seconds.total`` is the wall time of the `infrec run` command (start-up, the temporary Prefect
+server and MLflow included); the stage figures are what the flow measured around each task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PREFECT_API_URL", "MLFLOW_", "INFREC_"))}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def _sh(cwd: Path, *args: str) -> None:
+    subprocess.run(args, cwd=cwd, check=True, capture_output=True, env=_env())
+
+
+def workspace(root: Path, params: Path) -> Path:
+    """A git + DVC project with infrec's dvc.yaml, stage code and the given params."""
+    ws = root / "ws"
+    ws.mkdir()
+    for name in ("models", "tasks"):
+        shutil.copytree(REPO / name, ws / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(REPO / name, ws / name)
+    shutil.copy(params, ws / "params.yaml")
+    _sh(ws, "git", "init", "-q")
+    _sh(ws, sys.executable, "-m", "dvc", "init", "-q")
+    (ws / ".dvc" / "plots").mkdir(exist_ok=True)
+    shutil.copy(REPO / ".dvc" / "plots" / "log_x.json", ws / ".dvc" / "plots" / "log_x.json")
+    _sh(ws, "git", "add", "-A")
+    _sh(ws, "git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit",
+        "-qm", "bench workspace")
+    return ws
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--input", required=True, type=Path, help="interactions file")
+    ap.add_argument("--params", type=Path, default=REPO / "params.yaml",
+                    help="params file (default: the shipped params.yaml)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary workspace")
+    args = ap.parse_args(argv)
+    source = args.input.resolve()
+    if not source.is_file():
+        ap.error(f"{source}: no such file")
+    root = Path(tempfile.mkdtemp(prefix="infrec-bench-pipeline-"))
+    try:
+        ws = workspace(root, args.params)
+        load_start = os.getloadavg()
+        t0 = time.perf_counter()
+        proc = subprocess.run([str(Path(sys.executable).parent / "infrec"), "run", "--input",
+                               str(source)], cwd=ws, env=_env(), stdout=subprocess.PIPE,
+                              stderr=sys.stderr, text=True)
+        total = time.perf_counter() - t0
+        sys.stderr.write(proc.stdout)
+        if proc.returncode != 0:
+            raise SystemExit(f"infrec run failed with exit code {proc.returncode}")
+        evaluation = json.loads((ws / "reports" / "evaluation.json").read_text())
+        distill = json.loads((ws / "reports" / "distill.json").read_text())
+        status = json.loads(subprocess.run(
+            [str(Path(sys.executable).parent / "infrec"), "status", "--json"], cwd=ws,
+            env=_env(), capture_output=True, text=True, check=True).stdout)
+        seconds = _seconds(proc.stdout)
+        seconds["total"] = round(total, 1)
+        last = status["last_run"]
+        metric = evaluation["summary"]["metric"]
+        result = {
+            "seconds": seconds,
+            "candidate": {"val": evaluation["candidate"]["val"],
+                          "test": evaluation["candidate"]["test"]},
+            "random": {"test": evaluation["random_users"]["test"]},
+            "full": {"test": evaluation["reference"]["test"],
+                     "description": evaluation["reference"]["description"]},
+            "fidelity": evaluation["summary"]["fidelity"],
+            "promoted": bool(last and last["promoted"]),
+            "reasons": last["reasons"] if last else [],
+            "selection_metric": metric,
+            "distill": {k: distill[k] for k in ("budget", "best_step", "steps_run", "lambda")},
+            "loadavg": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
+        }
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            sys.stderr.write(f"workspace kept in {root}\n")
+    print(json.dumps(result))
+    return result
+
+
+def _seconds(stdout: str) -> dict[str, float]:
+    """The ``seconds: ingest 1.0, distill …`` line `infrec run` prints."""
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("seconds: "))
+    out = {}
+    for part in line[len("seconds: "):].split(", "):
+        name, value = part.rsplit(" ", 1)
+        out[name] = float(value)
+    return out
+
+
+if __name__ == "__main__":
+    main()
