@@ -1,6 +1,6 @@
 """Fixtures for the pipeline tests: real Prefect (test harness, temporary PREFECT_HOME) and real
 MLflow on SQLite in a temporary directory. Nothing is set at import time; everything set here is
-undone at the end of the session."""
+undone when the tests/flows package ends (nothing leaks into later tests)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class FlowEnv:
         return env
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def flow_env(tmp_path_factory) -> FlowEnv:
     """Temporary PREFECT_HOME + ``prefect_test_harness`` + MLflow SQLite in a temp dir."""
     root = tmp_path_factory.mktemp("pipeline")
@@ -72,7 +72,6 @@ def flow_env(tmp_path_factory) -> FlowEnv:
     mp.delenv("PREFECT_API_URL", raising=False)
     mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    mp.setenv("INFREC_STATE_DIR", str(root / "state"))
     mp.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         from prefect.settings import PREFECT_HOME, temporary_settings
@@ -90,7 +89,7 @@ def flow_env(tmp_path_factory) -> FlowEnv:
         mp.undo()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def two_runs(flow_env):
     """Run 1 (lenient gates) → champion v1; run 2 (impossible fidelity gate) → challenger v2."""
     from flows.pipeline import run_pipeline
