@@ -111,8 +111,9 @@ class RankingAccumulator:
         keep = np.diff(targets.indptr) > 0
         coo = targets.tocoo()
         self.pos_scores.append(np.asarray(raw_scores[coo.row, coo.col], dtype=np.float64))
-        neg = np.take_along_axis(raw_scores[keep], negatives[keep], axis=1)
-        self.neg_scores.append(neg.ravel().astype(np.float64))
+        negatives = negatives[keep]
+        neg = np.take_along_axis(raw_scores[keep], np.maximum(negatives, 0), axis=1)
+        self.neg_scores.append(neg[negatives >= 0].astype(np.float64))
 
     def add(
         self,
@@ -240,13 +241,13 @@ def sample_negatives(
     AUC that is each user's train + test rows (``tasks.data.Dataset.negatives``): a negative is in
     neither their train nor test set, and a validation item may be one, as in the reference. Each
     user gets a uniform random subset (the ``n_neg`` smallest of i.i.d. uniform keys over the
-    items not in their row).
+    items not in their row). A user with fewer than ``n_neg`` such items (a small catalog) gets
+    all of them, and the rest of the row is ``-1``; a catalog under ``n_neg`` items gives ``m`` columns (no negative; :meth:`RankingAccumulator.add_auc`
+    skips it).
     """
     positives = sp.csr_matrix(positives)
     n, m = positives.shape
-    counts = np.diff(positives.indptr)
-    if np.any(m - counts < n_neg):
-        raise ValueError(f"some user has fewer than {n_neg} items never interacted with")
+    n_neg = min(n_neg, m)
     rng = np.random.default_rng(seed)
     out = np.empty((n, n_neg), dtype=np.int64)
     for start in range(0, n, batch_size):
@@ -254,7 +255,10 @@ def sample_negatives(
         keys = rng.random((block.shape[0], m))
         keys[block.row, block.col] = np.inf
         part = np.argpartition(keys, n_neg - 1, axis=1)[:, :n_neg]
-        out[start : start + block.shape[0]] = np.sort(part, axis=1)
+        part = np.sort(part, axis=1)
+        taken = np.isinf(np.take_along_axis(keys, part, axis=1))  # a positive: fewer candidates
+        part[taken] = -1
+        out[start : start + block.shape[0]] = part
     return out
 
 

@@ -161,3 +161,21 @@ def test_top_k_breaks_ties_at_the_cut_by_lower_index():
         np.testing.assert_array_equal(top_k_unseen(scores, seen, k), full[:, :k])
         unsorted = top_k_unseen(scores, seen, k, sort=False)
         np.testing.assert_array_equal(np.sort(unsorted, axis=1), np.sort(full[:, :k], axis=1))
+
+
+def test_a_user_with_few_unseen_items_gets_them_all_and_auc_skips_the_padding():
+    """A small catalog: a user who has seen all but 3 of 12 items gets those 3 as negatives
+    (the rest of the row is -1), and the pooled AUC uses exactly the real negatives."""
+    pos = sp.csr_matrix(np.array([[1] * 9 + [0] * 3, [1, 0] * 6], dtype=float))
+    neg = sample_negatives(pos, 5, seed=0)
+    assert sorted(neg[0]) == [-1, -1, 9, 10, 11]
+    assert len(set(neg[1])) == 5 and all(j % 2 == 1 for j in neg[1])
+    scores = np.arange(24, dtype=float).reshape(2, 12)
+    targets = sp.csr_matrix(np.array([[1] + [0] * 11, [1] + [0] * 11], dtype=float))
+    acc = RankingAccumulator(weights=np.ones(12))
+    acc.add_auc(scores, targets, neg)
+    real = [scores[u, j] for u in range(2) for j in neg[u] if j >= 0]
+    assert sorted(np.concatenate(acc.neg_scores)) == sorted(real)
+    expected = pooled_auc([scores[0, 0], scores[1, 0]], real)
+    assert pooled_auc(np.concatenate(acc.pos_scores), np.concatenate(acc.neg_scores)) == expected
+    assert sample_negatives(pos, 50, seed=0).shape == (2, 12)  # a catalog under 50 items

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -656,9 +655,7 @@ def test_cli_directory_input_and_success(tmp_path):
 @pytest.mark.realdata
 def test_ml1m_keeps_its_split(ml1m_path, tmp_path):
     out = tmp_path / "ml1m"
-    t0 = time.perf_counter()
     m = ingest(ml1m_path, out)
-    elapsed = time.perf_counter() - t0
     assert m["split_source"] == "file"
     assert m["counts"] == {
         "rows": 1_000_209, "users": 6_040, "items": 3_706,
@@ -667,7 +664,6 @@ def test_ml1m_keeps_its_split(ml1m_path, tmp_path):
     it = read(out)
     assert it.height == 1_000_209
     assert it["user"].max() == 6_039 and it["item"].max() == 3_706 - 1
-    assert elapsed < 10, f"ML-1M ingest took {elapsed:.1f} s"
     src = pl.read_parquet(ml1m_path).with_columns(pl.col("split").cast(pl.String))
     assert raw_pairs(out).rows() == src.select("user_id", "item_id", "split").sort("user_id", "item_id").rows()
 
