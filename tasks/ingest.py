@@ -29,10 +29,7 @@ on where the repository is checked out).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
-import os
-import secrets
 import shutil
 import stat
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +40,7 @@ import polars as pl
 from prefect import task
 
 from tasks.errors import InputError
-from tasks.io import atomic_dir
+from tasks.io import atomic_dir, sha256_file
 from tasks.runtime import fault_point, say, task_options
 
 FORMATS = ("movielens", "csv", "tsv", "parquet")
@@ -110,7 +107,7 @@ def ingest(
     detected = detect_format(input_path, fmt, src)
     df = _load(input_path, detected, columns or {}, src)
     with ThreadPoolExecutor(max_workers=1) as pool:  # hash the input while its rows are processed
-        hashing = pool.submit(_sha256, input_path, src)
+        hashing = pool.submit(sha256_file, input_path, src)
         processed = _process(df, src, seed, min_rating, min_user_interactions)
         sha = hashing.result()
     tables, counts, filtered, split_source = processed
@@ -685,52 +682,16 @@ def _process(df: pl.DataFrame, src: str, seed: int, min_rating, min_user_interac
 # outputs
 
 
-def _sha256(path: Path, src: str | None = None) -> str:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError as exc:
-        raise InputError(f"{src or path}: cannot read file: {exc.strerror or exc}") from None
-    return h.hexdigest()
-
-
 def _write_outputs(out_dir: Path, tables: dict[str, pl.DataFrame], manifest: dict, overwrite: bool) -> dict:
-    """Write into ``.{name}.tmp-XXXX`` beside ``out_dir``, then rename; on error remove it."""
-    parent = out_dir.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
-        tmp.mkdir()
-    except OSError as exc:
-        raise InputError(f"{out_dir}: cannot create the output directory: {exc.strerror or exc}") from None
-    old: Path | None = None
-    try:
+    """Write the tables and the manifest in a temporary sibling, then rename it (``atomic_dir``)."""
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         outputs = {}
         for name, table in tables.items():
             target = tmp / name
             table.write_parquet(target, compression="zstd", compression_level=3, statistics=True)
-            outputs[name] = _sha256(target)
+            outputs[name] = sha256_file(target)
         manifest["outputs"] = outputs
         (tmp / "manifest.json").write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n")
-        if out_dir.exists() or out_dir.is_symlink():
-            if not overwrite:
-                raise InputError(f"{out_dir}: output directory already exists (use --overwrite to replace it)")
-            old = parent / f".{out_dir.name}.old-{secrets.token_hex(4)}"
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out_dir.exists():
-            os.rename(old, out_dir)  # put the previous output back
-            old = None
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
     return outputs
 
 
