@@ -15,14 +15,13 @@ Raw ids are not contiguous: users are ``1000 + u``, items ``7 j + 3``.
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 from tasks.errors import InputError
+from tasks.io import atomic_file
 
 _ZIPF = 0.9          # popularity exponent over item ranks
 _POP_WEIGHT = 1.0    # a in pop^a
@@ -99,16 +98,11 @@ def _write_csv(out_path, df: pl.DataFrame) -> dict:
         out_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"{out_path}: cannot create the parent directory: {exc.strerror or exc}") from None
-    tmp = out_path.parent / f".{out_path.name}.tmp-{secrets.token_hex(4)}"
     try:
-        df.write_csv(tmp)
-        os.replace(tmp, out_path)
+        with atomic_file(out_path) as tmp:
+            df.write_csv(tmp)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise InputError(f"{out_path}: cannot write: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return {
         "path": str(out_path),
         "rows": df.height,
