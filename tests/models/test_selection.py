@@ -6,32 +6,25 @@ while nDCG@10 is not): each selector must then pick differently when only the me
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
-import scipy.sparse as sp
 
 from models.baselines import fit_ease_select
 from models.distill_cf import DistillConfig, distill
 from models.infinite_ae import EvalSet, check_select_metric, fit_select
-from models.metrics import METRIC_KEYS, propensity_weights, sample_negatives
+from models.metrics import METRIC_KEYS, sample_negatives
 from models.samplers import rows_of
+from tests.models.test_distill_cf import low_rank_data
 
 
 def taste_data(n_users: int, n_items: int, rank: int = 4, seed: int = 0):
-    """Binary users × items from low-rank tastes plus popularity; 20% of each row held out."""
-    rng = np.random.default_rng(seed)
-    users = rng.standard_normal((n_users, rank))
-    items = rng.standard_normal((n_items, rank))
-    popularity = -0.8 * np.log(np.arange(1, n_items + 1))[rng.permutation(n_items)]
-    logits = 1.5 * users @ items.T / np.sqrt(rank) + popularity
-    threshold = np.quantile(logits, 0.92, axis=1, keepdims=True)
-    full = (logits + 0.3 * rng.standard_normal(logits.shape)) > threshold
-    held_out = (rng.random(full.shape) < 0.2) & full
-    train = sp.csr_matrix((full & ~held_out).astype(np.float32))
-    val = sp.csr_matrix(held_out.astype(np.float32))
-    weights = propensity_weights(np.asarray(train.sum(axis=0)).ravel(), train.nnz)
-    negatives = sample_negatives(train + val, 20, seed=0)
-    return train, EvalSet(context=train, targets=val, weights=weights, negatives=negatives)
+    """Binary users × items from low-rank tastes plus popularity; 20% of each row held out,
+    with AUC negatives."""
+    train, val = low_rank_data(n_users, n_items, rank, seed)
+    negatives = sample_negatives(train + val.targets, 20, seed=0)
+    return train, dataclasses.replace(val, negatives=negatives)
 
 
 def first_argmax(values) -> int:
