@@ -83,13 +83,15 @@ def test_recommend_table_and_user_forms(two_runs, flow_env, restore_environ):
     assert [int(r[1]) for r in rows] == as_json["items"]
     assert "999999999" in table.stderr
     ds = load_dataset(flow_env.state_dir / "data" / "processed")
-    user = runner.invoke(app, ["recommend", "--user", str(ds.user_ids[3]), "-k", "4", "--json"])
+    params = str(flow_env.params_file("recommend.yaml"))  # where the state is (its state_dir)
+    user = runner.invoke(app, ["recommend", "--user", str(ds.user_ids[3]), "-k", "4", "--json",
+                               "--params", params])
     assert user.exit_code == 0, user.output
     out = json.loads(user.stdout)
     known = set(int(x) for x in ds.item_ids[(ds.train[3] + ds.val[3] + ds.test[3]).indices])
     assert len(out["items"]) == 4 and out["history_size"] == len(known)
     assert not set(out["items"]) & known
-    bad = runner.invoke(app, ["recommend", "--user", "123456789"])
+    bad = runner.invoke(app, ["recommend", "--user", "123456789", "--params", params])
     assert bad.exit_code == 2 and bad.stderr.startswith("error: --user 123456789: not a user")
     both = runner.invoke(app, ["recommend", "--user", "1", "--history", "1"])
     assert both.exit_code == 2 and "exactly one" in both.stderr
