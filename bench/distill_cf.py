@@ -33,11 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import jax_device, peak_rss_mb
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from bench.common import jax_device, peak_rss_mb, say
 
 
 def _time_fn(fn: Any, *args: Any, repeats: int = 3) -> dict[str, float]:

@@ -41,12 +41,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import say
+
 T0 = 946_684_800  # 2000-01-01
 _SPLITS = np.array(["train", "val", "test"], dtype=object)
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,22 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, payload: dict, timeout: float = 120) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
+from bench.common import free_port, post_json, say
 
 
 def _tree_hwm_mb(root_pid: int) -> float:
@@ -98,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return [int(x) for x in rng.choice(items, size=min(args.history, len(items)),
                                            replace=False)]
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     say(f"serving {name} v{champion.version} on 127.0.0.1:{port}")
     server = subprocess.Popen(
@@ -116,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             except OSError:
                 time.sleep(0.5)
-        _post(url, {"dataframe_records": [{"history": history(), "k": args.k}]})  # warm up
+        post_json(url, {"dataframe_records": [{"history": history(), "k": args.k}]})  # warm up
 
         work = [[history() for _ in range(args.requests)] for _ in range(args.clients)]
         latencies: list[float] = []
@@ -127,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             for h in mine:
                 t0 = time.perf_counter()
                 try:
-                    out = _post(url, {"dataframe_records": [{"history": h, "k": args.k}]})
+                    out = post_json(url, {"dataframe_records": [{"history": h, "k": args.k}]})
                     ok = len(out["predictions"][0]["items"]) == args.k
                 except Exception:  # noqa: BLE001 - counted
                     ok = False
@@ -149,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         for b in range(args.batches):
             records = [{"history": history(), "k": args.k} for _ in range(args.batch_size)]
             t1 = time.perf_counter()
-            out = _post(url, {"dataframe_records": records}, timeout=600)
+            out = post_json(url, {"dataframe_records": records}, timeout=600)
             batch_ms.append(round(1000 * (time.perf_counter() - t1), 1))
             if len(out["predictions"]) != args.batch_size:
                 errors[0] += 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
@@ -86,6 +87,9 @@ def _use(tracking_uri: str) -> None:
 
     if tracking_uri.startswith("sqlite:///"):
         Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if redact(tracking_uri) != tracking_uri:
+        # MLflow prints "View run … at: <tracking URI>" when a run ends: not with credentials in it
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
 

@@ -104,6 +104,33 @@ def _post(url: str, payload: dict) -> dict:
         return json.loads(resp.read())
 
 
+# over REST, as a client sends them (serving limits: max_k 1000, max_history 10000)
+BAD_REQUESTS = {
+    "k-0": {"dataframe_records": [{"history": [1, 2], "k": 0}]},
+    "k-negative": {"dataframe_records": [{"history": [1, 2], "k": -5}]},
+    "k-huge": {"dataframe_records": [{"history": [1, 2], "k": 10**6}]},
+    "empty-history": {"dataframe_records": [{"history": [], "k": 5}]},
+    "text-ids": {"inputs": [{"history": ["a", "b"], "k": 5}]},
+    "1m-id-history": {"dataframe_records": [{"history": list(range(1_000_000)), "k": 5}]},
+    "no-history-field": {"dataframe_records": [{"items": [1, 2]}]},
+}
+BAD_REQUESTS_SAY = {"k-0": "k must be between 1 and", "k-negative": "k must be between 1 and",
+                    "k-huge": "k must be between 1 and", "empty-history": "empty history",
+                    "text-ids": "", "1m-id-history": "at most 10000",
+                    "no-history-field": "history"}
+
+
+def _refusal(url: str, payload: dict) -> tuple[int, str]:
+    """(HTTP status, body) of a request the server should refuse."""
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(errors="replace")
+
+
 def _stop(proc: subprocess.Popen) -> None:
     """Terminate the server's process group (the CLI and its uvicorn child), then kill."""
     if proc.poll() is not None:
@@ -149,6 +176,7 @@ def test_rest_serving_round_trip(two_runs, flow_env, tmp_path):
         split = _post(url, {"dataframe_split": {"columns": ["history", "k"],
                                                 "data": [[history, 5], [history[:1], 3]]}})
         records = _post(url, {"dataframe_records": [{"history": history[:3]}]})
+        refused = {name: _refusal(url, payload) for name, payload in BAD_REQUESTS.items()}
     finally:
         _stop(proc)
         log.close()
@@ -164,5 +192,8 @@ def test_rest_serving_round_trip(two_runs, flow_env, tmp_path):
     assert not set(preds[1]["items"]) & set(history[:1])
     assert not set(preds[0]["items"]) & set(history)
     assert len(records["predictions"][0]["items"]) == 10  # k defaults to 10
+    for name, (status, body) in refused.items():  # a 400 naming the problem, input not echoed
+        assert status == 400 and len(body) < 1000, (name, status, body[:300])
+        assert BAD_REQUESTS_SAY[name] in body, (name, body)
     with pytest.raises(OSError):  # the server is gone
         urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
