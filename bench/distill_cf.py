@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tau", type=float, default=defaults.tau)
     parser.add_argument("--reg", type=float, default=defaults.reg)
     parser.add_argument("--patience", type=int, default=defaults.patience)
+    parser.add_argument("--min-steps", type=int, default=defaults.min_steps,
+                        help="no early stop before this step")
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
     parser.add_argument("--eval-steps", default=",".join(map(str, DEFAULT_EVAL_STEPS)),
                         help="extra evaluation steps, comma-separated ('' for none)")
@@ -186,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{dataset.train.nnz} train interactions ({time.perf_counter() - t0:.1f}s)")
     config = DistillConfig(budget=args.budget, samples=args.samples, max_steps=args.steps,
                            lr=args.lr, tau=args.tau, reg=args.reg, patience=args.patience,
+                           min_steps=args.min_steps,
                            eval_every=args.eval_every, eval_steps=_ints(args.eval_steps),
                            lambdas=_floats(args.lambdas), select_metric=metric,
                            target_batch=args.target_batch, seed=args.seed, noise=args.noise)

@@ -101,7 +101,8 @@ def sweep(
         d = p.distill
         chosen = sampler or d.sampler
         options = {"steps": d.steps, "samples": d.samples, "tau": d.tau, "lr": d.lr,
-                   "reg": d.reg, "patience": d.patience, "eval_every": d.eval_every,
+                   "reg": d.reg, "patience": d.patience, "min_steps": d.min_steps,
+                   "eval_every": d.eval_every,
                    "target_batch": d.target_batch, "lambdas": tuple(p.fit.summary_lambdas),
                    "select_metric": metric, "depth": depth or p.fit.depth}
         out_dir = out or p.state_path() / "sweeps" / time.strftime("%Y%m%d-%H%M%S")

@@ -82,6 +82,7 @@ class DistillConfig:
     max_steps: int = 500
     reg: float = 1e-3  # c, cardinality regulariser
     patience: int = 150  # stop after this many steps since the best evaluation (step 0 included)
+    min_steps: int = 0  # no early stop before this step (the first evaluations are noisy)
     seed: int = 0
     eval_steps: tuple[int, ...] = DEFAULT_EVAL_STEPS  # evaluate at these steps ...
     eval_every: int = 40  # ... and at every multiple of this
@@ -92,8 +93,9 @@ class DistillConfig:
     kernel: NTKConfig = field(default_factory=NTKConfig)
 
     def __post_init__(self) -> None:
-        if self.budget < 1 or self.samples < 1 or self.max_steps < 0 or self.patience < 1:
-            raise ValueError("budget, samples and patience must be >= 1, max_steps >= 0")
+        if (self.budget < 1 or self.samples < 1 or self.max_steps < 0 or self.patience < 1
+                or self.min_steps < 0):
+            raise ValueError("budget, samples and patience must be >= 1, max_steps and min_steps >= 0")
         if not self.tau > 0 or not self.lr > 0 or self.reg < 0 or self.eval_every < 1:
             raise ValueError("tau and lr must be > 0, reg >= 0, eval_every >= 1")
         if self.noise not in NOISE_KINDS:
@@ -542,7 +544,7 @@ def distill(
                            "eval_seconds": time.perf_counter() - start})
             if last_value > best[0]:
                 best = (last_value, step, summary, lam, val_metrics)
-            elif step - best[1] >= config.patience:
+            elif step >= config.min_steps and step - best[1] >= config.patience:
                 stop = True
         record.update({f"last_{key_name}": last_value, f"best_{key_name}": best[0],
                        "best_step": best[1]})

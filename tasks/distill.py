@@ -227,7 +227,7 @@ def run(params: Params, log: Optional[Callable[[str], None]] = None,
         paths.processed, paths.summary, sampler=d.sampler, budget=d.budget, seed=d.seed,
         steps=d.steps, samples=d.samples, tau=d.tau, log_path=paths.distill_log,
         on_step=on_step, dataset=dataset, lr=d.lr, reg=d.reg, patience=d.patience,
-        eval_every=d.eval_every, target_batch=d.target_batch,
+        min_steps=d.min_steps, eval_every=d.eval_every, target_batch=d.target_batch,
         lambdas=tuple(params.fit.summary_lambdas), select_metric=metric, depth=params.fit.depth)
     if report["budget"] < report["budget_requested"]:
         log(f"distill.budget {report['budget_requested']} capped at {report['budget']}: the "

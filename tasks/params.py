@@ -119,6 +119,7 @@ class DistillParams(_Section):
     lr: float = Field(0.04, gt=0, le=10)
     reg: float = Field(1e-3, ge=0)  # cardinality regulariser
     patience: int = Field(150, ge=1)  # stop after this many steps without a better evaluation
+    min_steps: int = Field(0, ge=0)  # … but never before this step
     eval_every: int = Field(40, ge=1)  # evaluate at steps 25, 50, …, 200 and every this many
     target_batch: Optional[int] = Field(None, ge=1)  # real users per step (None: all)
 

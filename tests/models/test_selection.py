@@ -168,6 +168,16 @@ def test_patience_counts_from_the_best_evaluation_including_step_0(distill_case)
     assert [h["step"] for h in _evaluations(result)] == [0, 5, 10]
 
 
+def test_no_early_stop_before_min_steps(distill_case):
+    train, val = distill_case
+    config = DistillConfig(**{**FAST, "lr": 1e-6, "max_steps": 200, "eval_every": 5,
+                              "patience": 10, "min_steps": 30, "select_metric": "ndcg@10"})
+    result = distill(train, val, config)
+    # the same run as above, but patience only ends it from step 30 on
+    assert result.best_step == 0 and result.steps_run == 30
+    assert [h["step"] for h in _evaluations(result)] == [0, 5, 10, 15, 20, 25, 30]
+
+
 def test_last_step_is_evaluated(distill_case):
     train, val = distill_case
     result = distill(train, val, DistillConfig(**{**FAST, "max_steps": 7}))
