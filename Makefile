@@ -33,7 +33,7 @@ run: venv
 	$(VENV)/bin/infrec run
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 server: venv
 	$(VENV)/bin/infrec server --port $(or $(PORT),4200)

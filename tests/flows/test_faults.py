@@ -5,7 +5,8 @@ the first moment, the temporary Prefect server `infrec run` starts by itself).
 
 After every rerun: the rerun succeeded; no MLflow run is left RUNNING; no process the killed run
 started is alive; no alias points at a version without a passing verdict; every `promoted` tag
-agrees with the aliases; `dvc status` is clean; no temporary folder is left."""
+agrees with the aliases; `dvc status` is clean; no temporary folder is left. Then a champion
+whose logged arrays are truncated: reported, skipped by gate (b), replaced."""
 
 from __future__ import annotations
 
@@ -99,3 +100,47 @@ def test_kill_9_at_every_moment_then_a_normal_run_recovers(tmp_path, api_url):
     print("fault / rerun ok / inconsistencies / orphans")
     for row in table:
         print(*row)
+    _a_corrupt_champion_is_isolated(ws, log)
+
+
+def _truncate_champion(ws) -> str:
+    """Cut the champion's logged arrays in half (as a full disk or a bad copy would); its
+    version."""
+    mv = ws.client().get_model_version_by_alias(MODEL, "champion")
+    model_id = mv.source.rsplit("/", 1)[-1]  # models:/m-<id>, MLflow's logged model
+    stored = ws.root / ".infrec" / "mlartifacts" / "models" / model_id / "artifacts"
+    arrays = sorted(stored.rglob("alpha.npy"))
+    assert len(arrays) == 1, (mv.source, list(stored.rglob("*"))[:20])
+    data = arrays[0].read_bytes()
+    arrays[0].write_bytes(data[: len(data) // 2])
+    return str(mv.version)
+
+
+def _a_corrupt_champion_is_isolated(ws, log) -> None:
+    """A champion whose artifacts cannot be loaded: `status` and `recommend` say so in one line,
+    the next run skips gate (b) with that reason and replaces it, and `promote --force` can put
+    a loadable version back."""
+    broken = _truncate_champion(ws)
+    status = ws.infrec("status")
+    line = next(ln for ln in status.stdout.splitlines() if ln.startswith("champion:"))
+    assert "UNUSABLE" in line and f"version {broken}" in line, status.stdout
+    rec = ws.infrec("recommend", "--history", "1,2,3", "-k", "5", check=False)
+    assert rec.returncode == 2 and "Traceback" not in rec.stderr, (rec.returncode, rec.stderr)
+    assert len(rec.stderr.strip().splitlines()) == 1 and "cannot" in rec.stderr, rec.stderr
+    write_log(log, users=300, extra_rows=40 * (len(MOMENTS) + 1))
+    run = ws.infrec("run")
+    assert f"skipped: champion v{broken} is unusable" in run.stdout, run.stdout[-3000:]
+    assert "PROMOTED to champion" in run.stdout, run.stdout[-3000:]
+    assert ws.aliases()["champion"] != broken
+    assert "UNUSABLE" not in ws.infrec("status").stdout
+    ws.infrec("recommend", "--history", "1,2,3", "-k", "5")
+    # the new champion broken too: promote puts the previous good version back by hand
+    now = _truncate_champion(ws)
+    good = max((int(mv.version) for mv in ws.client().search_model_versions(f"name='{MODEL}'")
+                if str(mv.version) not in (now, broken) and mv.tags.get("gate.passed") == "true"
+                and mv.tags.get("infrec.state") == "decided"))
+    back = ws.infrec("promote", str(good), "--force", "--reason", "champion corrupt")
+    assert "FORCED" in back.stdout, back.stdout
+    assert ws.aliases()["champion"] == str(good)
+    ws.infrec("recommend", "--history", "1,2,3", "-k", "5")
+    assert not _inconsistencies(ws)
