@@ -140,7 +140,7 @@ def _a_corrupt_champion_is_isolated(ws, log) -> None:
                 if str(mv.version) not in (now, broken) and mv.tags.get("gate.passed") == "true"
                 and mv.tags.get("infrec.state") == "decided"))
     back = ws.infrec("promote", str(good), "--force", "--reason", "champion corrupt")
-    assert "FORCED" in back.stdout, back.stdout
+    assert f"champion: {MODEL} version {good}" in back.stdout, back.stdout
     assert ws.aliases()["champion"] == str(good)
     ws.infrec("recommend", "--history", "1,2,3", "-k", "5")
     assert not _inconsistencies(ws)

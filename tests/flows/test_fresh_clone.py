@@ -283,8 +283,10 @@ def test_the_uis_in_a_real_browser_show_the_champion_and_the_report(clone):
                       {"artifacts": {"key": {"any_": ["infrec-pipeline-report"]}}})
         assert found, "no infrec-pipeline-report artifact in Prefect"
         report = _rendered(f"http://127.0.0.1:{prefect_port}/artifacts/artifact/{found[0]['id']}",
-                           "champion")
-        assert "gates" in report.lower() and "champion" in report, report[-3000:]
+                           "PopRec")
+        # the markdown rendered: the metrics table and the gate table with its verdicts
+        for shown in ("PopRec", "EASE", "baselines", "fidelity", "Champion: v1"):
+            assert shown in report, (shown, report[-3000:])
     finally:
         for proc in procs:
             _stop(proc)
