@@ -38,6 +38,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def post_json(url: str, payload: Any, timeout: float = 30) -> Any:
+    """POST ``payload`` as JSON to ``url``; the decoded JSON answer (raises on HTTP errors)."""
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """Terminate the process group ``proc`` leads (started with ``start_new_session``: a CLI and
+    the servers it started), wait ``grace`` s, then kill it."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:  # the whole group is gone already
+        proc.wait()
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=grace)
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """os.environ without the test session's PREFECT_*/MLFLOW_*/INFREC_*, plus ``extra``."""
     env = {k: v for k, v in os.environ.items()

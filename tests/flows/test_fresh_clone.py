@@ -13,14 +13,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, clean_env, sh
+from tests.helpers import REPO, clean_env, free_port, post_json, sh, stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -124,20 +123,9 @@ def test_readme_serve_and_curl_lines_work_verbatim(clone):
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep)
                                   if not p.startswith(str(REPO)))  # a user's PATH
     env["PYTHONPATH"] = str(clone.root)  # the clone's own code, as in the other tests
-    log = open(clone.root.parent / "serve.log", "w")
-    proc = subprocess.Popen(["bash", "-c", serve], cwd=clone.root, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = _start(clone, ["bash", "-c", serve], "serve.log", "http://127.0.0.1:5001/ping",
+                  env=env, timeout=180)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (clone.root.parent / "serve.log").read_text()[-3000:]
-            ping = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                                   "http://127.0.0.1:5001/ping"], capture_output=True, text=True)
-            if ping.stdout == "200":
-                break
-            time.sleep(1)
-        else:
-            pytest.fail("mlflow models serve did not answer within 180 s")
         for line in curls:
             out = subprocess.run(["bash", "-c", line], cwd=clone.root, env=env,
                                  capture_output=True, text=True, timeout=60)
@@ -148,13 +136,7 @@ def test_readme_serve_and_curl_lines_work_verbatim(clone):
                 want["predictions"][0]["scores"], rel=1e-5), line
             assert got["predictions"][0]["unknown"] == []
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        stop_group(proc, grace=30)
 
 
 LOAD_OUTSIDE = """
@@ -199,14 +181,6 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rendered(url: str, expect: str, timeout: float = 120) -> str:
     """The DOM headless Chromium renders at ``url``, retried until it contains ``expect``."""
     deadline, dom = time.monotonic() + timeout, ""
@@ -221,37 +195,27 @@ def _rendered(url: str, expect: str, timeout: float = 120) -> str:
     return dom
 
 
-def _post(url: str, payload: dict) -> list:
-    import urllib.request
-
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read())
-
-
-def _start(clone, args: list[str], log_name: str, port: int) -> subprocess.Popen:
-    log = open(clone.root.parent / log_name, "w")
-    proc = subprocess.Popen(args, cwd=clone.root, env=clone.env(), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 120
+def _start(clone, args: list[str], log_name: str, url: str, env: dict | None = None,
+           timeout: float = 120) -> subprocess.Popen:
+    """Start ``args`` in the clone (its own process group, output to ``log_name``) and wait until
+    ``url`` answers 200; its log in the failure when it exits or never answers."""
+    log_path = clone.root.parent / log_name
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(args, cwd=clone.root, env=env or clone.env(), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, (clone.root.parent / log_name).read_text()[-3000:]
-        code = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                               f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
+        if proc.poll() is not None:
+            stop_group(proc)  # what it started, if anything is left
+            pytest.fail(f"{args} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        code = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url],
+                              capture_output=True, text=True).stdout
         if code == "200":
             return proc
         time.sleep(1)
-    pytest.fail(f"{args} did not answer on port {port}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_group(proc, grace=30)
+    pytest.fail(f"{args} did not answer {url} within {timeout:.0f} s:\n"
+                f"{log_path.read_text()[-3000:]}")
 
 
 def test_the_uis_in_a_real_browser_show_the_champion_and_the_report(clone):
@@ -267,19 +231,20 @@ def test_the_uis_in_a_real_browser_show_the_champion_and_the_report(clone):
         "import mlflow; c = mlflow.MlflowClient('sqlite:///mlflow.db');"
         "print(c.get_model_version_by_alias('infrec-infae', 'champion')"
         ".tags['prefect_flow_run_id'])")).stdout.strip()
-    mlflow_port, prefect_port = _free_port(), _free_port()
+    mlflow_port, prefect_port = free_port(), free_port()
     procs = []
     try:
         procs.append(_start(clone, [".venv/bin/mlflow", "ui", "--host", "127.0.0.1", "--port",
-                                    str(mlflow_port)], "mlflow-ui.log", mlflow_port))
+                                    str(mlflow_port)], "mlflow-ui.log",
+                            f"http://127.0.0.1:{mlflow_port}/"))
         procs.append(_start(clone, [".venv/bin/infrec", "server", "--port", str(prefect_port)],
-                            "prefect-ui.log", prefect_port))
+                            "prefect-ui.log", f"http://127.0.0.1:{prefect_port}/"))
         model = _rendered(f"http://127.0.0.1:{mlflow_port}/#/models/infrec-infae", "champion")
         assert "infrec-infae" in model and "champion" in model, model[-3000:]
         run = _rendered(f"http://127.0.0.1:{prefect_port}/runs/flow-run/{run_id}", "promoted")
         assert "infrec-pipeline" in run and "promoted" in run, run[-3000:]
         # the report's own page (the key's page lists its versions): its id from Prefect's API
-        found = _post(f"http://127.0.0.1:{prefect_port}/api/artifacts/filter",
+        found = post_json(f"http://127.0.0.1:{prefect_port}/api/artifacts/filter",
                       {"artifacts": {"key": {"any_": ["infrec-pipeline-report"]}}})
         assert found, "no infrec-pipeline-report artifact in Prefect"
         report = _rendered(f"http://127.0.0.1:{prefect_port}/artifacts/artifact/{found[0]['id']}",
@@ -289,4 +254,4 @@ def test_the_uis_in_a_real_browser_show_the_champion_and_the_report(clone):
             assert shown in report, (shown, report[-3000:])
     finally:
         for proc in procs:
-            _stop(proc)
+            stop_group(proc, grace=30)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.flows.conftest import MODEL_NAME
+from tests.helpers import free_port, post_json, stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -36,12 +35,6 @@ def _history(flow_env) -> list[int]:
 
     ds = load_dataset(flow_env.state_dir / "data" / "processed")
     return [int(x) for x in ds.item_ids[ds.train[3].indices]] + [999_999_999]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_pyfunc_in_new_process_matches_recommend_cli(two_runs, flow_env):
@@ -97,13 +90,6 @@ def test_recommend_table_and_user_forms(two_runs, flow_env, restore_environ):
     assert both.exit_code == 2 and "exactly one" in both.stderr
 
 
-def _post(url: str, payload: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read())
-
-
 # over REST, as a client sends them (serving limits: max_k 1000, max_history 10000)
 BAD_REQUESTS = {
     "k-0": {"dataframe_records": [{"history": [1, 2], "k": 0}]},
@@ -131,26 +117,12 @@ def _refusal(url: str, payload: dict) -> tuple[int, str]:
         return err.code, err.read().decode(errors="replace")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Terminate the server's process group (the CLI and its uvicorn child), then kill."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=15)
-    except ProcessLookupError:
-        pass
-
-
 def test_rest_serving_round_trip(two_runs, flow_env, tmp_path):
     import mlflow
     import pandas as pd
 
     history = _history(flow_env)
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
@@ -173,12 +145,12 @@ def test_rest_serving_round_trip(two_runs, flow_env, tmp_path):
                 pytest.fail("server not ready in 120 s")
             time.sleep(0.5)
         url = f"http://127.0.0.1:{port}/invocations"
-        split = _post(url, {"dataframe_split": {"columns": ["history", "k"],
+        split = post_json(url, {"dataframe_split": {"columns": ["history", "k"],
                                                 "data": [[history, 5], [history[:1], 3]]}})
-        records = _post(url, {"dataframe_records": [{"history": history[:3]}]})
+        records = post_json(url, {"dataframe_records": [{"history": history[:3]}]})
         refused = {name: _refusal(url, payload) for name, payload in BAD_REQUESTS.items()}
     finally:
-        _stop(proc)
+        stop_group(proc)
         log.close()
 
     mlflow.set_tracking_uri(flow_env.tracking_uri)
