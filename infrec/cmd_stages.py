@@ -80,7 +80,7 @@ def fit(params: Optional[Path] = params_option(),
     from tasks.fit import run
 
     result = guarded(run, load(params), log=say_err(quiet))
-    _done({k: result[k] for k in ("lambda", "val", "test")})
+    _done(result["metrics"])
 
 
 def evaluate(params: Optional[Path] = params_option(),

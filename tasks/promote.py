@@ -55,7 +55,8 @@ def champion_comparison(params: Params, candidate_version: Optional[str],
                         "longer on disk"}
     try:
         model, item_ids, _ = registry.load_version_model(uri, f"models:/{name}/{version}")
-        test = evaluate_model_on(model, item_ids, dataset)
+        test = evaluate_model_on(model, item_ids, dataset, max_users=params.evaluate.max_users,
+                                 sample_seed=params.evaluate.sample_seed)
     except InputError as exc:
         return {"version": version, "test": None, "unusable": str(exc)}
     same = champ_tags.get("data_hash") == candidate_data
