@@ -11,6 +11,7 @@ gates and the tag ``rejected`` (``promoted`` or ``unchanged`` otherwise).
 
 from __future__ import annotations
 
+import resource
 import time
 from typing import Any
 
@@ -39,11 +40,13 @@ def pipeline(params: Params):
     tag_flow_run(flow_run_id, [flow_run_tag()])  # so that a crash is recognised at the next start
     lineage: dict[str, Any] = {"flow_run_id": flow_run_id, "git_commit": git_commit()}
     seconds: dict[str, float] = {}
+    peak_rss: dict[str, float] = {}  # the process's peak resident set so far, after each stage
 
     def timed(name: str, fn, *args):
         t0 = time.perf_counter()
         out = fn(*args)
         seconds[name] = round(time.perf_counter() - t0, 3)
+        peak_rss[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         return out
 
     with writer_lock(params):
@@ -64,6 +67,7 @@ def pipeline(params: Params):
         "summary_hash": summary["summary_hash"], "metric": params.selection.metric,
         "candidate": {k: fitted[k] for k in ("lambda", "val", "test")},
         "evaluation": evaluation, "input": data["input"], "seconds": seconds,
+        "peak_rss_mb": peak_rss,
         "distill": summary["report"], **promoted,
     }
     publish_report_task(result)

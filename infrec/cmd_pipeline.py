@@ -113,6 +113,10 @@ def _print_result(result: dict[str, Any]) -> None:
     seconds = result.get("seconds") or {}
     if seconds:
         typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    peak = result.get("peak_rss_mb") or {}
+    if peak:
+        typer.echo("peak RSS MB (after each stage): "
+                   + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
 
 
 def _parse_history(text: str) -> list[int]:
