@@ -17,7 +17,7 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
 
-from models.infinite_ae import EvalSet, check_select_metric, evaluate_score_batches
+from models.infinite_ae import EvalSet, batch_rows, check_select_metric, evaluate_score_batches
 
 EASE_LAMBDAS: tuple[float, ...] = (1.0, 10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
 
@@ -33,6 +33,7 @@ class PopRec:
         return cls(counts=np.asarray(train.sum(axis=0)).ravel().astype(np.float32))
 
     def iter_scores(self, histories: Any, batch_size: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
+        batch_size = batch_rows(batch_size, self.counts.size)
         for start in range(0, histories.shape[0], batch_size):
             b = min(batch_size, histories.shape[0] - start)
             yield start, np.broadcast_to(self.counts, (b, self.counts.size)).copy()
@@ -59,6 +60,7 @@ class EASE:
     def iter_scores(self, histories: Any, batch_size: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
         """Scores of row batches; with ``items``, items outside them get :data:`UNMODELLED_SCORE`
         (histories are read on the modelled items only)."""
+        batch_size = batch_rows(batch_size, self.n_items or self.n_items_fitted)
         for start in range(0, histories.shape[0], batch_size):
             h = histories[start : start + batch_size]
             if self.items is not None:

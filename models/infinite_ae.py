@@ -40,6 +40,15 @@ SUMMARY_LAMBDAS: tuple[float, ...] = (1e-5, 1e-3, 0.1, 1.0, 5.0, 50.0)
 STABILISING_JITTER = 1e-4
 # history batches sparser than this are multiplied in sparse form (else densified for BLAS)
 SPARSE_DOT_MAX_DENSITY = 0.005
+# a batch of scores (rows × items, float32) stays under this size: wide catalogues score fewer
+# users at a time, so memory does not grow with the catalogue (ML-1M's 3,706 items: no change)
+SCORE_BATCH_BYTES = 256 * 2**20
+
+
+def batch_rows(batch_size: int, n_items: int) -> int:
+    """``batch_size``, lowered so that one batch of scores stays under :data:`SCORE_BATCH_BYTES`
+    (at least 16 rows)."""
+    return max(16, min(int(batch_size), SCORE_BATCH_BYTES // (4 * max(int(n_items), 1))))
 
 
 def check_select_metric(select_metric: str, data: "EvalSet | None" = None) -> str:
@@ -135,8 +144,10 @@ class InfAE:
         return _matmul(self.cross_kernel(histories), self.alpha)
 
     def iter_scores(self, histories: Any, batch_size: int = 2048) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(start_row, scores)`` over row batches so memory stays bounded."""
+        """Yield ``(start_row, scores)`` over row batches so memory stays bounded (at most
+        ``batch_size`` rows, fewer for a wide catalogue: :func:`batch_rows`)."""
         n = histories.shape[0]
+        batch_size = batch_rows(batch_size, self.n_items)
         for start in range(0, n, batch_size):
             yield start, self.scores(histories[start : start + batch_size])
 
@@ -150,6 +161,7 @@ class InfAE:
         ``H − X`` is sparse: exact (integer-valued for binary data), without the n × m × n product.
         """
         n = self.support.shape[0]
+        batch_size = batch_rows(batch_size, self.n_items)
         if histories.shape != self.support.shape:
             raise ValueError(f"histories are {histories.shape[0]} × {histories.shape[1]}, the support "
                              f"{n} × {self.n_items}: row i must be support user i")
@@ -498,6 +510,7 @@ def _support_scores(x: np.ndarray, alpha: np.ndarray | None, lam_scaled: float,
     """
     n = x.shape[0] if rows is None else len(rows)
     m = x.shape[1]
+    batch_size = batch_rows(batch_size, m)
     ring = [np.empty((min(batch_size, n), m), dtype=np.float32) for _ in range(min(EVAL_THREADS + 1,
                                                                                   -(-n // batch_size)))]
     for i, start in enumerate(range(0, n, batch_size)):
@@ -569,6 +582,7 @@ def fit_select(
     lambdas = list(lambdas)
     if not lambdas:
         raise ValueError("the λ grid is empty")
+    batch_size = batch_rows(batch_size, x.shape[1])
     if support_is_val_context and val_rows is None:
         val_rows = None
         on_support = True

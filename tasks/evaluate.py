@@ -26,7 +26,7 @@ import scipy.sparse as sp
 from prefect import task
 
 from models.baselines import EASE_LAMBDAS, PopRec, fit_ease_select
-from models.infinite_ae import InfAE, evaluate, evaluate_score_batches
+from models.infinite_ae import InfAE, batch_rows, evaluate, evaluate_score_batches
 from tasks.data import Dataset, load_dataset
 from tasks.io import read_json, write_json
 from tasks.params import Params
@@ -135,10 +135,12 @@ def evaluate_model_on(model: InfAE, model_item_ids: np.ndarray, dataset: Dataset
         shape=(dataset.n_items, model_item_ids.size),
     )
 
+    rows = batch_rows(batch_size, max(dataset.n_items, model_item_ids.size))
+
     def batches() -> Iterator[tuple[int, np.ndarray]]:
         ctx = evalset.context
-        for start in range(0, ctx.shape[0], batch_size):
-            scores = model.scores(ctx[start : start + batch_size] @ to_model)
+        for start in range(0, ctx.shape[0], rows):
+            scores = model.scores(ctx[start : start + rows] @ to_model)
             out = np.full((scores.shape[0], dataset.n_items), _UNKNOWN_ITEM_SCORE, dtype=np.float32)
             out[:, known] = scores[:, data_cols[known]]
             yield start, out
