@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from infrec.common import fail, guarded, load, locked, params_option, prefect_api
+from infrec.common import fail, guarded, load, locked, params_option, prefect_api, stoppable
 
 
 def _metric_line(test: dict[str, float]) -> str:
@@ -80,8 +80,9 @@ def run(
     from flows.pipeline import run_pipeline
 
     _quiet_input_errors()
-    with prefect_api(p):
-        result = guarded(run_pipeline, p)
+    with stoppable("infrec run", p):  # SIGTERM/SIGINT: the flow ends Cancelled, exit 143/130
+        with prefect_api(p):
+            result = guarded(run_pipeline, p)
     _print_result(result)
 
 
@@ -255,7 +256,7 @@ def promote(
     target = version.strip().lstrip("v")
     if not target.isdigit():
         fail(f"VERSION: expected a model version number, got {version[:40]!r}")
-    with locked(p, wait):
+    with stoppable("infrec promote", defer="promote"), locked(p, wait):
         result = guarded(promote_version, p, target, force, reason)
     for line in result["verdict"].reasons:
         typer.echo(f"  {line}")

@@ -25,6 +25,7 @@ from prefect import task
 from models.infinite_ae import (FULL_DATA_LAMBDAS, SUMMARY_LAMBDAS, InfAE, evaluate, fit_select,
                                 kernel_matrix)
 from models.kernels import NTKConfig
+from tasks import stop
 from tasks.data import Dataset, load_dataset
 from tasks.errors import InputError
 from tasks.io import write_json
@@ -104,6 +105,7 @@ def fit_dataset(
     def on_lambda(result) -> None:
         note = " (stabilised)" if result.stabilised else ""
         say_(f"λ={result.lam:g}{note}: val {select_metric}={result.val[select_metric]:.2f}")
+        stop.check()  # SIGTERM/SIGINT: end between λs (tasks/stop.py)
 
     model, path = fit_select(
         support, val, lambdas, config, support_is_val_context=is_ctx, batch_size=batch_size,
