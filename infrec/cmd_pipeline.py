@@ -318,6 +318,11 @@ def status(
             typer.echo(f"  {line}")
     else:
         typer.echo("last version:     none")
+    run = info.get("last_pipeline_run")
+    if run:
+        name = run.get("flow_run_name") or "-"
+        typer.echo(f"last run:         {run['outcome']} — {run['message']} (flow run {name} "
+                   f"{run.get('flow_run_id') or ''}, ended {run.get('ended')})")
 
 
 def _status(p) -> dict[str, Any]:
@@ -353,9 +358,11 @@ def _status(p) -> dict[str, Any]:
                     "gate_passed": tags.get("gate.passed") == "true",
                     "reasons": reasons.splitlines() if decided else ["no gate verdict recorded"],
                     "aliases": aliases, "test": s["test"]}
+    from tasks.recovery import last_run as last_pipeline_run
+
     return {"state_dir": str(p.state_path()), "tracking_uri": redact(uri), "model_name": name,
             "prefect_api": _prefect_api(p), "dvc_remote": _dvc_remote(), "champion": champion,
-            "last_run": last_run}
+            "last_run": last_run, "last_pipeline_run": last_pipeline_run(p.state_path())}
 
 
 def _prefect_api(p) -> str:
