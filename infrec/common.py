@@ -85,7 +85,9 @@ def _stopped_line(what: str, params, exc: BaseException) -> str:
             record = None
     if record:
         run = record.get("flow_run_name") or record.get("flow_run_id")
-        return (f"interrupted: {what} {record['message']} (flow run {run}: Cancelled); its "
+        state = ("Cancelled" if record.get("prefect_recorded", True) else
+                 "Prefect API unreachable, the next run marks it Crashed")
+        return (f"interrupted: {what} {record['message']} (flow run {run}: {state}); its "
                 "lock is released and nothing half-written is left")
     where = exc.where if isinstance(exc, stop.Interrupted) and exc.where else None
     return (f"interrupted: {what} stopped by {stop.signal_name(signum)}"

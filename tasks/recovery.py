@@ -277,14 +277,16 @@ def _cancelled_state(params: Any, stopped: "stop.Interrupted") -> Any:
                + (f" during {stopped.where}" if stopped.where else "")
                + ("; its candidate had already been promoted" if promoted
                   else "; nothing was promoted"))
-    if _api_alive():  # a dead API is not waited for: the next start marks the run Crashed
+    recorded = _api_alive()  # a dead API is not waited for: the next start marks it Crashed
+    if recorded:
         if stopped.task_run_id:
             _cancel_task_run(stopped.task_run_id, message)
         if flow_run_id:
             tag_flow_run(flow_run_id, ["interrupted"])
     if registry_touched:
         _close_registry_records(params)
-    _write_last_run(params, "interrupted", message, flow_run_id, flow_run_name)
+    _write_last_run(params, "interrupted", message, flow_run_id, flow_run_name,
+                    prefect_recorded=recorded)
     try:
         say()(message)
     except Exception:  # noqa: BLE001 - logging to a dead API
@@ -335,7 +337,7 @@ def _close_registry_records(params: Any) -> None:
 
 
 def _write_last_run(params: Any, outcome: str, message: str, flow_run_id: Optional[str] = None,
-                    flow_run_name: Optional[str] = None) -> None:
+                    flow_run_name: Optional[str] = None, prefect_recorded: bool = True) -> None:
     if params is None or not hasattr(params, "state_path"):
         return
     if flow_run_id is None:
@@ -345,7 +347,8 @@ def _write_last_run(params: Any, outcome: str, message: str, flow_run_id: Option
 
         write_json(params.state_path() / LAST_RUN_FILE, {
             "outcome": outcome, "message": message, "flow_run_id": flow_run_id,
-            "flow_run_name": flow_run_name, "pid": os.getpid(),
+            "flow_run_name": flow_run_name, "prefect_recorded": prefect_recorded,
+            "pid": os.getpid(),
             "ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     except Exception:  # noqa: BLE001 - a record, never a reason to fail
         pass

@@ -67,6 +67,7 @@ class _State:
     event = threading.Event()
     deferred: list[str] = []   # labels of the deferred regions we are in
     finalizing = False
+    at_signal: tuple[Optional[str], Optional[str]] = (None, None)  # _where() when it came
 
 
 def signal_name(signum: int) -> str:
@@ -103,6 +104,7 @@ def reset() -> None:
     _State.signum = None
     _State.event.clear()
     _State.finalizing = False
+    _State.at_signal = (None, None)
 
 
 def _where() -> Optional[str]:
@@ -118,7 +120,11 @@ def _where() -> Optional[str]:
 
 
 def interrupted() -> Interrupted:
+    """The :class:`Interrupted` to raise here (where: the running task, else what was running
+    when the signal came)."""
     where, task_run_id = _where()
+    if where is None:
+        where, task_run_id = _State.at_signal
     return Interrupted(_State.signum or signal.SIGTERM, where, task_run_id)
 
 
@@ -154,6 +160,8 @@ def _at_safe_point(frame: Any) -> bool:
 
 def _handler(signum: int, frame: Any) -> None:
     first = _State.signum is None
+    if first:
+        _State.at_signal = _where()
     request(signum)
     if _State.finalizing:
         return  # bounded: recording how the run ended

@@ -3,8 +3,9 @@
 SQLite and the temporary Prefect server `infrec run` starts by itself.
 
 One workspace for both signals: a first run makes v1; then params with a Distill-CF that never
-ends by itself, two interrupted runs, and the params back for a run that completes. After each
-signal: the process is gone within 10 s (a bounded wait: the test fails if it is still alive),
+ends by itself, two interrupted runs — SIGTERM with the temporary server (which must outlive the
+group's signal to record the end), SIGINT with an `infrec server` (whose registry slot must be
+released) — and the params back for a run that completes. After each signal: the process is gone within 10 s (a bounded wait: the test fails if it is still alive),
 exit code 143 / 130 and one line naming what was interrupted, the flow run and its distill task
 run `Cancelled`/`Crashed` in the Prefect database (read from its file, as a restarted server
 reads it), nothing `Running` there or in MLflow, the writer lock free, no process left, `git
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import BIN, make_workspace, tail, write_log
+from tests.helpers import BIN, make_workspace, prefect_server, tail, write_log
 
 pytestmark = pytest.mark.slow
 
@@ -36,13 +37,14 @@ FINAL = ("CANCELLED", "CRASHED")
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A workspace whose first run (v1) completed, and `git status`/`dvc status` then."""
+    """A workspace whose first run (v1) completed, with an `infrec server` (``ws.server``)."""
     root = tmp_path_factory.mktemp("interrupt")
     log = write_log(root / "logs" / "ratings.csv", users=300)
-    ws = make_workspace(root, None, ingest={"input": str(log)})
-    ws.infrec("run")
-    ws.log = log
-    return ws
+    with prefect_server(root / "server") as url:
+        ws = make_workspace(root, url, ingest={"input": str(log)})
+        ws.infrec("run")
+        ws.log, ws.server, ws.after_v1 = log, url, _status(ws)
+        yield ws
 
 
 def _status(ws) -> tuple[str, str]:
@@ -84,11 +86,15 @@ def _processes_in(root: Path) -> list[str]:
     return found
 
 
-def _interrupt_mid_distill(ws, signum: int) -> None:
+def _interrupt_mid_distill(ws, signum: int, temporary_server: bool) -> None:
+    ws.api_url = None if temporary_server else ws.server
     ws.write_params(ingest={"input": str(ws.log)}, distill=ENDLESS_DISTILL)
-    before = _status(ws)
+    if not hasattr(ws, "before_interrupt"):  # the same before both signals: measured once
+        ws.before_interrupt = _status(ws)
+    before = ws.before_interrupt
     out = ws.root.parent / f"run-{signum}.log"
     steps = ws.root / ".infrec" / "data" / "distill_log.jsonl"
+    steps.unlink(missing_ok=True)  # the last run's
     with out.open("w") as fh:
         proc = subprocess.Popen([str(BIN / "infrec"), "run"], cwd=ws.root, env=ws.env(),
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
@@ -114,12 +120,17 @@ def _interrupt_mid_distill(ws, signum: int) -> None:
     last = out.read_text().strip().splitlines()[-1]
     assert last.startswith(f"error: interrupted: infrec run stopped by "
                            f"{signal.Signals(signum).name} during distill; nothing was promoted"), last
-    flow, tasks, messages = _last_flow_run(ws.root / ".infrec" / "prefect" / "prefect.db")
+    db = (ws.root / ".infrec" / "prefect" if temporary_server
+          else ws.root.parent / "server" / "prefect-home") / "prefect.db"
+    flow, tasks, messages = _last_flow_run(db)
     assert flow in FINAL and tasks.get("distill") in FINAL, (flow, tasks, tail(out))
     assert "RUNNING" not in tasks.values(), tasks
     assert any(f"stopped by {signal.Signals(signum).name} during distill" in m
                for m in messages), messages
     assert _lock_free(ws.root / ".infrec")
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:  # the server's slot, if used
+        assert not con.execute("SELECT active_slots FROM concurrency_limit_v2 WHERE "
+                               "name = 'infrec-registry' AND active_slots > 0").fetchall()
     assert not ws.client().search_runs(
         [e.experiment_id for e in ws.client().search_experiments()], "attributes.status = 'RUNNING'")
     assert not _processes_in(ws.root)  # the temporary server was stopped, not orphaned
@@ -127,19 +138,27 @@ def _interrupt_mid_distill(ws, signum: int) -> None:
 
 
 def test_sigterm_mid_distill_stops_in_seconds_and_records_cancelled(workspace):
-    _interrupt_mid_distill(workspace, signal.SIGTERM)
+    _interrupt_mid_distill(workspace, signal.SIGTERM, temporary_server=True)
 
 
-def test_sigint_mid_distill_stops_in_seconds_and_records_cancelled(workspace):
-    _interrupt_mid_distill(workspace, signal.SIGINT)
-    status = workspace.infrec("status").stdout
-    line = next(ln for ln in status.splitlines() if ln.startswith("last run:"))
-    assert "interrupted" in line and "stopped by SIGINT during distill" in line, status
+def test_sigint_mid_distill_stops_in_seconds_and_records_cancelled(workspace, monkeypatch,
+                                                                 restore_environ):
+    from typer.testing import CliRunner
+
+    from infrec.cli import app
+
+    _interrupt_mid_distill(workspace, signal.SIGINT, temporary_server=False)
+    monkeypatch.chdir(workspace.root)  # `infrec status` as the user types it there
+    monkeypatch.setenv("PREFECT_API_URL", workspace.server)
+    status = CliRunner().invoke(app, ["status"])
+    assert status.exit_code == 0, status.output
+    line = next(ln for ln in status.stdout.splitlines() if ln.startswith("last run:"))
+    assert "interrupted" in line and "stopped by SIGINT during distill" in line, status.stdout
 
 
 def test_after_an_interruption_the_next_run_completes(workspace):
     workspace.git("checkout", "params.yaml")
+    workspace.api_url = workspace.server
     run = workspace.infrec("run")
     assert "unchanged" in run.stdout or "registered" in run.stdout, run.stdout[-2000:]
-    assert workspace.git("status", "--porcelain") == ""
-    assert "up to date" in workspace.dvc("status").lower()
+    assert _status(workspace) == workspace.after_v1
