@@ -34,12 +34,15 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_MODELS_DIR = str(Path(__file__).resolve().parents[1] / "models") + os.sep
+_ROOT = Path(__file__).resolve().parents[1]
+_MODELS_DIR = str(_ROOT / "models") + os.sep
+_OTHER_DIRS = tuple(str(_ROOT / name) + os.sep for name in ("tasks", "flows", "infrec"))
 # inner frames where an exception could leave a file half-written (JAX's persistent
 # compilation cache writes with Path.write_bytes) or a lock held
 _UNSAFE_FILES = ("compilation_cache", "lru_cache", os.sep + "logging" + os.sep,
@@ -107,15 +110,17 @@ def reset() -> None:
     _State.at_signal = (None, None)
 
 
-def _where() -> Optional[str]:
-    try:
-        from prefect.context import TaskRunContext
+def _where() -> tuple[Optional[str], Optional[str]]:
+    """(what is running: the Prefect task's name or the deferred region's label, task run id)"""
+    if "prefect.context" in sys.modules:  # never imported from here (a signal handler)
+        try:
+            from prefect.context import TaskRunContext
 
-        ctx = TaskRunContext.get()
-        if ctx is not None:
-            return ctx.task.name, str(ctx.task_run.id)
-    except Exception:  # noqa: BLE001 - outside Prefect
-        pass
+            ctx = TaskRunContext.get()
+            if ctx is not None:
+                return ctx.task.name, str(ctx.task_run.id)
+        except Exception:  # noqa: BLE001 - outside a task run
+            pass
     return (_State.deferred[-1] if _State.deferred else None), None
 
 
@@ -151,7 +156,7 @@ def _at_safe_point(frame: Any) -> bool:
         name = frame.f_code.co_filename
         if name.startswith(_MODELS_DIR):
             return not any(marker in f for f in inner for marker in _UNSAFE_FILES)
-        if "/tasks/" in name or "/flows/" in name or "/infrec/" in name:
+        if name.startswith(_OTHER_DIRS):
             return False
         inner.append(name)
         frame = frame.f_back
@@ -172,6 +177,8 @@ def _handler(signum: int, frame: Any) -> None:
 def _fail_fast() -> None:
     """Prefect's client gives up at the first failed request from now on (a dead server is not
     retried for minutes at shutdown)."""
+    if "prefect.context" not in sys.modules:  # no client yet: nothing to hurry (no import here)
+        return
     try:
         from prefect.context import GLOBAL_SETTINGS_CONTEXT
         from prefect.settings import get_current_settings
