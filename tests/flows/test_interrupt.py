@@ -162,3 +162,24 @@ def test_after_an_interruption_the_next_run_completes(workspace):
     run = workspace.infrec("run")
     assert "unchanged" in run.stdout or "registered" in run.stdout, run.stdout[-2000:]
     assert _status(workspace) == workspace.after_v1
+
+
+def test_a_stopped_run_ends_the_mlflow_runs_it_left_open_killed(workspace, monkeypatch):
+    """What an interrupted process left RUNNING in MLflow (stopped while logging its model)
+    ends KILLED before it exits; another live process's run is left alone (in the workspace's
+    own registry)."""
+    from tasks import registry
+    from tasks.params import load_params
+    from tasks.recovery import close_own_records
+    from tasks.runtime import process_tags
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", workspace.tracking_uri)
+    p = load_params(workspace.root / "params.yaml")
+    cl = registry.client(workspace.tracking_uri)
+    exp = cl.get_experiment_by_name(p.registry.experiment).experiment_id
+    ours = cl.create_run(exp, tags=process_tags()).info.run_id
+    other = cl.create_run(exp, tags={**process_tags(), "infrec.pid": str(os.getppid())})
+    assert close_own_records(p)["mlflow_runs_killed"] == [ours]
+    assert cl.get_run(ours).info.status == "KILLED"
+    assert cl.get_run(other.info.run_id).info.status == "RUNNING"
+    cl.set_terminated(other.info.run_id)

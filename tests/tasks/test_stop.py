@@ -71,3 +71,4 @@ def test_handlers_are_restored():
     with stop.handling(), stop.deferred("x"):
         assert signal.getsignal(signal.SIGTERM) is stop._handler
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
