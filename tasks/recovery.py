@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 from tasks import stop
 
-from tasks.params import Params
+from tasks.params import Params, redact
 from tasks.runtime import HOST, say
 
 
@@ -346,7 +346,7 @@ def _write_last_run(params: Any, outcome: str, message: str, flow_run_id: Option
         from tasks.io import write_json
 
         write_json(params.state_path() / LAST_RUN_FILE, {
-            "outcome": outcome, "message": message, "flow_run_id": flow_run_id,
+            "outcome": outcome, "message": redact(message)[:2000], "flow_run_id": flow_run_id,
             "flow_run_name": flow_run_name, "prefect_recorded": prefect_recorded,
             "pid": os.getpid(),
             "ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
