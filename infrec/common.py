@@ -81,8 +81,11 @@ def _stopped_line(what: str, params, exc: BaseException) -> str:
         from tasks.recovery import last_run
 
         record = last_run(params.state_path())
-        if record and (record.get("pid") != os.getpid() or record.get("outcome") != "interrupted"):
-            record = None
+        if record and record.get("pid") != os.getpid():
+            record = None  # an earlier run's
+    if record and record.get("outcome") != "interrupted":  # the signal came after the flow ended
+        return (f"interrupted: {what} stopped by {stop.signal_name(signum)} after its run ended "
+                f"({record['outcome']}: {record['message']})")
     if record:
         run = record.get("flow_run_name") or record.get("flow_run_id")
         state = ("Cancelled" if record.get("prefect_recorded", True) else
