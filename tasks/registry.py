@@ -163,9 +163,10 @@ def log_run(*, tracking_uri: str, experiment: str, artifact_root: str | Path | N
             fault_point("model-logging")
             info = log_model()
     except BaseException as exc:  # a stop (SIGTERM, Ctrl-C, a cancellation) ends it KILLED
-        from tasks.stop import Interrupted
+        from tasks import stop
 
-        cl.set_terminated(run_id, status="KILLED" if isinstance(exc, Interrupted) else "FAILED")
+        stopped = isinstance(exc, stop.Interrupted) or stop.requested()
+        cl.set_terminated(run_id, status="KILLED" if stopped else "FAILED")
         raise
     cl.set_terminated(run_id, status="FINISHED")
     return {"run_id": run_id, "model_uri": info.model_uri}

@@ -11,7 +11,9 @@ from tasks import stop
 
 
 @pytest.fixture(autouse=True)
-def fresh_flag():
+def fresh_flag(monkeypatch):
+    # the process-wide Prefect client settings stay as they are for the tests that follow
+    monkeypatch.setattr(stop, "_fail_fast", lambda: None)
     stop.reset()
     yield
     stop.reset()
