@@ -47,8 +47,13 @@ def workspace(tmp_path_factory):
         yield ws
 
 
-def _status(ws) -> tuple[str, str]:
-    return ws.git("status", "--porcelain"), ws.dvc("status")
+def _status(ws) -> tuple[str, dict]:
+    """`git status --porcelain` and what `dvc status` reports (DVC's API: no CLI start-up)."""
+    from dvc.repo import Repo
+
+    with Repo(str(ws.root)) as repo:  # stage names relative to the cwd: keep the name only
+        dvc = {stage.rsplit(":", 1)[-1]: what for stage, what in repo.status().items()}
+    return ws.git("status", "--porcelain"), dvc
 
 
 def _last_flow_run(db: Path) -> tuple[str, dict[str, str], list[str]]:
