@@ -1,15 +1,17 @@
 """Stop means stop: SIGTERM and SIGINT to the process group of `infrec run` while Distill-CF runs
 (as a scheduler, `timeout` or Ctrl-C send them), in a real git + DVC workspace with MLflow on
-SQLite and the temporary Prefect server `infrec run` starts by itself.
+SQLite and real Prefect servers.
 
 One workspace for both signals: a first run makes v1; then params with a Distill-CF that never
-ends by itself, two interrupted runs — SIGTERM with the temporary server (which must outlive the
-group's signal to record the end), SIGINT with an `infrec server` (whose registry slot must be
-released) — and the params back for a run that completes. After each signal: the process is gone within 10 s (a bounded wait: the test fails if it is still alive),
-exit code 143 / 130 and one line naming what was interrupted, the flow run and its distill task
-run `Cancelled`/`Crashed` in the Prefect database (read from its file, as a restarted server
-reads it), nothing `Running` there or in MLflow, the writer lock free, no process left, `git
-status` and `dvc status` as before the run; then `infrec status` names the interrupted run.
+ends by itself and two interrupted runs — SIGTERM with the temporary server `infrec run` starts
+by itself (it must outlive the group's signal to record the end), SIGINT with an `infrec server`
+(whose registry slot must be released) — then the params back for a run that completes. After
+each signal: the process is gone within 10 s (a bounded wait: the test fails if it is still
+alive), exit code 143 / 130 and one line naming what was interrupted, the flow run and its
+distill task run `Cancelled`/`Crashed` in the Prefect database (read from its file, as a
+restarted server reads it), nothing `Running` there or in MLflow, the writer lock and the
+registry slot free, no process left, `git status` and `dvc status` as before the run; then
+`infrec status` names the interrupted run. Each run's seconds from signal to exit are printed.
 """
 
 from __future__ import annotations
