@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from prefect import task
 
+from tasks import stop
 from tasks.errors import InputError
 from tasks.io import content_hash, write_json, write_text
 from tasks.params import Params
@@ -148,6 +149,7 @@ def distill_dataset(
                     log_file.flush()
                 if on_step is not None:
                     on_step(info)
+                stop.check()  # SIGTERM/SIGINT: end between steps (tasks/stop.py)
 
             result = distill(dataset.train, val, cfg, on_step=record)
         finally:

@@ -25,6 +25,7 @@ from prefect import task
 from models.infinite_ae import (FULL_DATA_LAMBDAS, SUMMARY_LAMBDAS, InfAE, LambdaGridError, evaluate,
                                 fit_select, kernel_matrix)
 from models.kernels import NTKConfig
+from tasks import stop
 from tasks.data import Dataset, load_dataset
 from tasks.errors import InputError
 from tasks.io import write_json
@@ -118,10 +119,12 @@ def fit_dataset(
         if result.skipped:
             say_(f"λ={result.lam:g} skipped: K + λ̃I not positive definite even stabilised "
                  f"({result.seconds:.1f}s)")
+            stop.check()
             return
         note = f" (stabilised: λ̃={result.lam_scaled:.3g})" if result.stabilised else ""
         say_(f"λ={result.lam:g}{note}: val {select_metric}={result.val[select_metric]:.2f} "
              f"({result.seconds:.1f}s)")
+        stop.check()  # SIGTERM/SIGINT: end between λs (tasks/stop.py)
 
     try:
         model, path = fit_select(
