@@ -27,7 +27,7 @@ from prefect import task
 from tasks import registry
 from tasks.data import Dataset, load_dataset
 from tasks.errors import InputError
-from tasks.gates import GateThresholds, Verdict, decide_gates, gate_inputs
+from tasks.gates import GateThresholds, Verdict, decide_gates, evaluated_users, gate_inputs
 from tasks.io import read_json
 from tasks.params import Params
 from tasks.runtime import say, task_options
@@ -109,10 +109,11 @@ def apply_verdict(params: Params, version: str, verdict: Verdict, run_id: Option
     return finish_promotion(params, version, verdict.passed or forced_by is not None)
 
 
-def decide(params: Params, evaluation: dict[str, Any], champion: Optional[dict[str, Any]]
-           ) -> Verdict:
-    """The verdict for an evaluate-stage report against ``champion`` (pure)."""
-    return decide_gates(gate_inputs(evaluation, params.selection.metric, champion),
+def decide(params: Params, evaluation: dict[str, Any], champion: Optional[dict[str, Any]],
+           eval_users: Optional[int] = None) -> Verdict:
+    """The verdict for an evaluate-stage report against ``champion`` (pure); ``eval_users``:
+    the test users it was evaluated on (:func:`tasks.gates.evaluated_users`)."""
+    return decide_gates(gate_inputs(evaluation, params.selection.metric, champion, eval_users),
                         GateThresholds.from_params(params))
 
 
@@ -128,7 +129,7 @@ def run(params: Params, registered: dict[str, Any],
     evaluation = read_json(paths.evaluation, "the evaluate stage's report")
     dataset = load_dataset(paths.processed)
     champion = champion_comparison(params, registered["version"], dataset, dataset.data_version)
-    verdict = decide(params, evaluation, champion)
+    verdict = decide(params, evaluation, champion, evaluated_users(dataset))
     for line in verdict.reasons:
         log(line)
     moved = apply_verdict(params, registered["version"], verdict, registered.get("run_id"))
@@ -174,7 +175,9 @@ def promote_version(params: Params, version: str, force: bool = False,
     except InputError:
         pass
     champion = champion_comparison(params, str(mv.version), dataset, tags.get("data_hash"))
-    verdict = decide(params, evaluation, champion)
+    # the test users it was evaluated on: from its data when on disk, else its registration tag
+    eval_users = evaluated_users(dataset) if dataset is not None else tags.get("eval_users")
+    verdict = decide(params, evaluation, champion, eval_users)
     if not verdict.passed and not force:
         return {"verdict": verdict, "promoted": False,
                 "champion": str(champ.version) if champ is not None else None}

@@ -29,6 +29,7 @@ from prefect import task
 
 from tasks import registry
 from tasks.data import load_dataset
+from tasks.gates import evaluated_users
 from tasks.io import content_hash, read_json
 from tasks.params import Params
 from tasks.runtime import fault_point, say, task_options
@@ -62,6 +63,7 @@ def identity(params: Params, lineage: dict[str, Any]) -> dict[str, str]:
         "git_commit": lineage.get("git_commit") or registry.git_commit(),
         "input_sha256": manifest_input.get("sha256", ""),
         "input_source": (lineage.get("input") or {}).get("source", manifest_input.get("name", "")),
+        "eval_users": str(evaluated_users(dataset)),  # the evidence gate's figure
     }
     versioned = lineage.get("version")
     if versioned:

@@ -269,6 +269,7 @@ def _refit(params: Params, version: DataVersion, staged_params: Params,
     from tasks import fit, promote, register
     from tasks.data import load_dataset
     from tasks.evaluate import summarise
+    from tasks.gates import evaluated_users
     from tasks.io import read_json
 
     metric = staged_params.selection.metric
@@ -281,7 +282,7 @@ def _refit(params: Params, version: DataVersion, staged_params: Params,
     write_json(paths.evaluation, evaluation)
     dataset = load_dataset(paths.processed)
     champion = promote.champion_comparison(params, None, dataset, dataset.data_version)
-    verdict = promote.decide(params, evaluation, champion)
+    verdict = promote.decide(params, evaluation, champion, evaluated_users(dataset))
     log(f"refitted on {version.id}: test {metric} {fitted['test'][metric]:.2f}; gates "
         f"{'PASS' if verdict.passed else 'FAIL'}")
     if not verdict.passed and not force:

@@ -159,3 +159,32 @@ def test_promote_rechecks_gates_and_force_records_who_and_why(two_runs, flow_env
     res = _cli(["promote", "1", "--params", str(lenient)])
     assert res.exit_code == 0, res.output
     assert _aliases(flow_env) == {"champion": "1", "previous": "2"}
+
+
+def test_a_four_user_log_on_a_fresh_project_is_never_promoted(flow_env, tmp_path):
+    """A log of 4 users, a fresh state and registry (no champion), the lenient test gates: the
+    evidence gate (4 < gates.min_eval_users test users) refuses it; nothing is champion."""
+    import mlflow
+
+    from flows.pipeline import run_pipeline
+    from tasks.params import parse_params
+
+    log = tmp_path / "four.csv"
+    log.write_text("user_id,item_id\n" + "".join(
+        f"{u},{i}\n" for u in range(1, 5) for i in range(10 * u, 10 * u + 6)))
+    raw = {k: dict(v) for k, v in flow_env.params().to_dict().items() if isinstance(v, dict)}
+    raw["ingest"]["input"] = str(log)
+    raw["distill"].update(sampler="random", steps=0)  # the cheapest summary: the gates matter
+    raw["registry"] = {"model_name": "tiny-infae", "experiment": "tiny"}
+    raw.update(state_dir=str(tmp_path / "state"), reports_dir=str(tmp_path / "reports"))
+    result = run_pipeline(parse_params(raw, "tiny params"))
+    assert result["promoted"] is False and result["champion"] is None
+    gates = {g["name"]: g for g in result["verdict"]["gates"]}
+    assert not gates["evidence"]["passed"]
+    assert "evaluated on 4 test users (need ≥ 50)" in gates["evidence"]["reason"]
+    assert "inf" not in " ".join(result["verdict"]["reasons"])
+    cl = mlflow.MlflowClient(tracking_uri=flow_env.tracking_uri,
+                             registry_uri=flow_env.tracking_uri)
+    with pytest.raises(mlflow.exceptions.MlflowException):  # no champion alias at all
+        cl.get_model_version_by_alias("tiny-infae", "champion")
+    assert cl.get_model_version("tiny-infae", result["version"]).tags["eval_users"] == "4"
