@@ -66,8 +66,8 @@ class Story:
         if spelling == "ingest.input":
             self.ws = make_workspace(root, api_url, ingest={"input": str(self.log)})
             self.run_args = ("run",)
-        else:
-            self.ws = make_workspace(root, api_url)
+        else:  # a clone of the project: its committed dvc.lock included
+            self.ws = make_workspace(root, api_url, committed_lock=True)
             self.run_args = ("run", "--input", str(self.log))
         self.day1 = self.ws.infrec(*self.run_args)
         self.v1, self.v1_log = _snapshot(self.ws), self.log.read_bytes()
@@ -151,6 +151,9 @@ def test_rollback_restores_v1_exactly_with_its_gate_passed_model(story):
 
 
 def test_the_same_through_input(spelt):
+    """Two `--input` runs over a changed log in a workspace that started from the committed
+    dvc.lock: rollback restores v1 (a stale lock stage would make it look for objects that no
+    cache or remote holds)."""
     ws = spelt.ws
     ws.infrec("rollback", "v1")
     assert _snapshot(ws) == spelt.v1
