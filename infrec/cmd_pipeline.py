@@ -70,13 +70,19 @@ def run(
     """Run the pipeline: ingest → distill → fit → evaluate → version → register → gates →
     promote."""
     p = load(params)
-    if input is not None:
-        if not input.is_file():
-            fail(f"{input}: input file not found")
-        p = sync_input(p, params, input)
+    if input is not None and not input.is_file():
+        fail(f"{input}: input file not found")
+    from tasks.ingest import validate_params_input
+
+    # before anything is written or started: the whole input file parses (or the first bad line
+    # is named; without importing Prefect, so a refusal takes about a second), and versioning
+    # has a matching workspace
+    guarded(validate_params_input, p, input)
     from tasks.version import check
 
-    guarded(check, p)  # before any stage: versioning needs a matching workspace
+    guarded(check, p)
+    if input is not None:
+        p = sync_input(p, params, input)
     from flows.pipeline import run_pipeline
 
     _quiet_input_errors()

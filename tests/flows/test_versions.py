@@ -161,6 +161,34 @@ def test_the_same_through_input(spelt):
     assert "up to date" in ws.dvc("status").lower()
 
 
+@pytest.mark.parametrize("name, text, says", [
+    ("quote.csv", 'userId,movieId\n1,2\n3,"4\n5,6\n', "line 3: unclosed quote"),
+    ("badid.csv", "userId,movieId\n1,2\n1,x\n", "line 3: column 'movieId': 'x' is not an"),
+    ("header.csv", "usr,itm\n1,2\n", "expected column 'user_id' not found"),
+    ("missing.csv", None, "input file not found"),
+])
+def test_a_bad_input_file_is_refused_first_and_changes_nothing(spelt, tmp_path, name, text, says):
+    """`infrec run --input BAD` in a versioned workspace: the whole file is checked before
+    params.yaml is touched or a server starts — one line naming the file (and line), within 3 s,
+    and git status, params.yaml, the registry and the data versions are as they were."""
+    ws = spelt.ws
+    bad = tmp_path / name
+    if text is not None:
+        bad.write_text(text)
+    before = (ws.git("status", "--porcelain"), (ws.root / "params.yaml").read_bytes(),
+              ws.aliases(), len(ws.client().search_model_versions(f"name='{MODEL}'")),
+              ws.git("tag", "--list", "data/*"))
+    t0 = time.monotonic()
+    res = ws.infrec("run", "--input", str(bad), check=False)
+    took = time.monotonic() - t0
+    assert res.returncode == 2 and res.stderr.strip() == res.stderr.strip().splitlines()[0]
+    assert res.stderr.startswith(f"error: {bad}: ") and says in res.stderr, res.stderr
+    assert took <= 3.0, took
+    assert (ws.git("status", "--porcelain"), (ws.root / "params.yaml").read_bytes(),
+            ws.aliases(), len(ws.client().search_model_versions(f"name='{MODEL}'")),
+            ws.git("tag", "--list", "data/*")) == before
+
+
 def test_recommend_user_takes_history_from_the_champions_data(story):
     """The champion (trained on v1 after the rollback) answers `--user` from v1's data even
     when the workspace holds newer data (a rejected run on day 2's log)."""
