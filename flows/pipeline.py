@@ -5,8 +5,9 @@ Wiring only: every step is a stage's task (``tasks/<stage>.py``), the same ``run
 entry point and resolved (absolute paths). The whole body holds the writer lock of the state dir
 (:func:`tasks.concurrency.writer_lock`): runs, rollbacks and promotions never interleave.
 
-A rejected candidate ends the flow run ``Completed`` with a state message naming the failing
-gates and the tag ``rejected`` (``promoted`` or ``unchanged`` otherwise).
+A rejected candidate ends the flow run in a state named ``Rejected`` (of type COMPLETED: the run
+itself worked) with a message naming the failing gates and the tag ``rejected``; otherwise
+``Completed`` with the tag ``promoted`` or ``unchanged``.
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ def pipeline(params: Params):
     failing = failing_gates(result)
     message = (f"{state}: {result['model_name']} v{result['version']}"
                + (f"; failing gates: {', '.join(failing)}" if failing else ""))
-    return Completed(message=message, data=result)
+    # the verdict is the first thing the Prefect UI shows: a rejected run is not a green "Completed"
+    return Completed(name="Rejected" if state == "rejected" else "Completed", message=message,
+                     data=result)
 
 
 def run_pipeline(params: Params) -> dict[str, Any]:

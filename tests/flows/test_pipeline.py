@@ -113,6 +113,22 @@ def test_prefect_report_artifact(two_runs):
     assert "| fidelity | FAIL |" in latest and "| candidate (summary) | test |" in latest
 
 
+def test_a_rejected_run_is_named_rejected_in_prefect(two_runs):
+    """The Prefect UI shows the verdict: state `Rejected` (type COMPLETED: the run worked) with
+    the failing gates in its message; a promoting run stays `Completed`."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    first, second = two_runs
+    with get_client(sync_client=True) as client:
+        rejected = client.read_flow_run(UUID(second["flow_run_id"])).state
+        promoted = client.read_flow_run(UUID(first["flow_run_id"])).state
+    assert rejected.name == "Rejected" and rejected.is_completed()
+    assert rejected.message == f"rejected: {MODEL_NAME} v2; failing gates: fidelity"
+    assert promoted.name == "Completed" and promoted.is_completed()
+
+
 def test_status_json(two_runs, flow_env, restore_environ):
     res = _cli(["status", "--json"])
     assert res.exit_code == 0, res.output

@@ -141,7 +141,10 @@ def test_rollback_restores_v1_exactly_with_its_gate_passed_model(story):
     assert ws.aliases()["champion"] == "1"
     assert "up to date" in ws.dvc("status").lower()
     assert not list(ws.root.glob(".infrec-restore-*"))
-    lineage = json.loads(ws.infrec("lineage").stdout)
+    table = ws.infrec("lineage").stdout  # a plain UTF-8 table by default …
+    assert "data version" in table and "v1" in table and "\\u" not in table
+    assert "PASS evidence" in table and "≥" in table and not table.lstrip().startswith("{")
+    lineage = json.loads(ws.infrec("lineage", "--json").stdout)  # … JSON on request
     assert lineage["version"] == "1" and lineage["data_version"] == "v1"
     assert lineage["input"]["sha256"] == _versions(ws)[0]["input"]["sha256"]
     for key in ("summary_hash", "params_hash", "git_commit", "prefect_flow_run_id",
