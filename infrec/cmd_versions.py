@@ -43,7 +43,8 @@ def versions(
         sha = ((r.get("input") or {}).get("sha256") or "")[:8]
         hashes = " ".join(f"{Path(k).name}={(v or '')[:8]}" for k, v in r["hashes"].items())
         typer.echo(f"{r['version']:>4}  {r['created']}  input {source} {sha}  "
-                   f"{r['size'] / 1e6:7.2f} MB  {hashes}  models: {models}")
+                   f"{r['size'] / 1e6:7.2f} MB  {hashes}  catalogue {r.get('catalogue') or '-'}"
+                   f"  models: {models}")
     typer.echo("(* = champion)")
 
 
@@ -87,6 +88,7 @@ def lineage_table(info: dict) -> str:
         ("input file", f"{inp.get('source') or '-'}  sha256 {inp.get('sha256') or '-'}"),
         ("data version", f"{info.get('data_version') or '-'}  (data hash "
                          f"{info.get('data_hash') or '-'})"),
+        ("catalogue", info.get("catalogue") or "-"),
         ("summary hash", info.get("summary_hash") or "-"),
         ("params hash", info.get("params_hash") or "-"),
         ("code commit", info.get("git_commit") or "-"),

@@ -10,7 +10,9 @@ that also chose every λ and the summary's best step:
 (a) **baselines** — on validation, the candidate beats PopRec by at least ``pop_margin`` points
     and reaches ``ease_fraction`` × a tuned EASE fitted on the same data;
 (b) **champion** — on test, the candidate is not worse than the current champion by more than
-    ``champion_epsilon`` points (passes when there is no champion yet);
+    ``champion_epsilon`` points (passes when there is no champion yet, and is skipped, with the
+    reason, when the champion belongs to another catalogue: it knows less than
+    ``min_catalogue_overlap`` of the data's items);
 (c) **fidelity** — on test, the candidate (fitted on a summary) reaches ``fidelity_fraction`` ×
     ∞-AE fitted on all users of the same data (or on the largest user sample that fits: the
     reference's description is part of the reason).
@@ -67,6 +69,9 @@ class GateInputs:
     # why the champion could not be compared (its artifacts do not load, say): gate (b) is then
     # skipped with this reason instead of failing every later run
     champion_unusable: Optional[str] = None
+    # why the champion is of another catalogue (it knows too few of this data's items): gate (b)
+    # is then skipped with this reason — the old catalogue's numbers say nothing about this one
+    champion_other_catalogue: Optional[str] = None
     # test users the candidate was evaluated on (users with a test interaction); None: unknown
     eval_users: Optional[int] = None
 
@@ -97,6 +102,22 @@ class Verdict:
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "gates": [asdict(g) for g in self.gates],
                 "reasons": self.reasons}
+
+
+def catalogue_fingerprint(item_ids: Any) -> str:
+    """The catalogue's identity: a short hash of the sorted, distinct raw item ids."""
+    import hashlib
+
+    ids = np.unique(np.asarray(item_ids, dtype=np.int64))
+    return hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest()[:12]
+
+
+def catalogue_overlap(model_item_ids: Any, data_item_ids: Any) -> float:
+    """Share of the data's items that a model knows (1.0: every one; 0.0: none)."""
+    data = np.unique(np.asarray(data_item_ids, dtype=np.int64))
+    if data.size == 0:
+        return 0.0
+    return float(np.isin(data, np.asarray(model_item_ids, dtype=np.int64)).mean())
 
 
 def evaluated_users(dataset: Any) -> int:
@@ -130,6 +151,7 @@ def gate_inputs(evaluation: dict[str, Any], metric: str,
         champion_version=None if champion is None else str(champion["version"]),
         champion_note="" if champion is None else champion.get("note", ""),
         champion_unusable=None if champion is None else champion.get("unusable"),
+        champion_other_catalogue=None if champion is None else champion.get("other_catalogue"),
         eval_users=_users(evaluation.get("n_users", eval_users)),
     )
 
@@ -190,6 +212,9 @@ def champion_gate(inp: GateInputs, t: GateThresholds) -> GateResult:
     if inp.champion_unusable:
         return GateResult("champion", True, f"skipped: champion v{inp.champion_version} is "
                           f"unusable ({inp.champion_unusable})")
+    if inp.champion_other_catalogue:
+        return GateResult("champion", True, f"skipped: champion v{inp.champion_version} is of "
+                          f"another catalogue ({inp.champion_other_catalogue}); not compared")
     if inp.champion_version is None:
         return GateResult("champion", True, "no champion yet")
     problem = _bad_numbers(candidate_test=inp.candidate_test, champion_test=inp.champion_test)
@@ -240,4 +265,4 @@ def decide_gates(inputs: GateInputs, thresholds: GateThresholds = GateThresholds
 
 
 __all__ = ["GateThresholds", "GateInputs", "GateResult", "Verdict", "decide_gates", "gate_inputs",
-           "evaluated_users"]
+           "evaluated_users", "catalogue_fingerprint", "catalogue_overlap"]

@@ -27,7 +27,8 @@ from prefect import task
 from tasks import registry
 from tasks.data import Dataset, load_dataset
 from tasks.errors import InputError
-from tasks.gates import GateThresholds, Verdict, decide_gates, evaluated_users, gate_inputs
+from tasks.gates import (GateThresholds, Verdict, catalogue_fingerprint, catalogue_overlap,
+                         decide_gates, evaluated_users, gate_inputs)
 from tasks.io import read_json
 from tasks.params import Params
 from tasks.runtime import say, task_options
@@ -37,8 +38,10 @@ def champion_comparison(params: Params, candidate_version: Optional[str],
                         dataset: Optional[Dataset], candidate_data: Optional[str]
                         ) -> Optional[dict[str, Any]]:
     """The champion's test metrics for gate (b): re-evaluated on ``dataset`` (the candidate's
-    data) when given, else its logged test metrics; ``unusable`` when it cannot be loaded.
-    None when there is no champion (or the candidate is the champion)."""
+    data) when given, else its logged test metrics; ``unusable`` when it cannot be loaded;
+    ``other_catalogue`` when it knows less than ``gates.min_catalogue_overlap`` of the data's
+    items (another catalogue: not compared). None when there is no champion (or the candidate
+    is the champion)."""
     from tasks.evaluate import evaluate_model_on
 
     uri, name = params.tracking_uri(), params.registry.model_name
@@ -55,6 +58,16 @@ def champion_comparison(params: Params, candidate_version: Optional[str],
                         "longer on disk"}
     try:
         model, item_ids, _ = registry.load_version_model(uri, f"models:/{name}/{version}")
+    except InputError as exc:
+        return {"version": version, "test": None, "unusable": str(exc)}
+    overlap = catalogue_overlap(item_ids, dataset.item_ids)
+    if overlap < params.gates.min_catalogue_overlap:
+        return {"version": version, "test": None, "other_catalogue": (
+            f"it knows {overlap:.0%} of this data's {dataset.n_items} items, need ≥ "
+            f"{params.gates.min_catalogue_overlap:.0%}; catalogue "
+            f"{champ_tags.get('catalogue') or catalogue_fingerprint(item_ids)} vs "
+            f"{catalogue_fingerprint(dataset.item_ids)}")}
+    try:
         test = evaluate_model_on(model, item_ids, dataset)
     except InputError as exc:
         return {"version": version, "test": None, "unusable": str(exc)}

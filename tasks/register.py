@@ -29,7 +29,7 @@ from prefect import task
 
 from tasks import registry
 from tasks.data import load_dataset
-from tasks.gates import evaluated_users
+from tasks.gates import catalogue_fingerprint, evaluated_users
 from tasks.io import content_hash, read_json
 from tasks.params import Params
 from tasks.runtime import fault_point, say, task_options
@@ -37,8 +37,8 @@ from tasks.runtime import fault_point, say, task_options
 # the sections whose values decide the candidate and its verdict (tracking, schedule, serving and
 # versioning do not)
 MODEL_SECTIONS = ("generate", "ingest", "selection", "fit", "distill", "evaluate", "gates")
-LINEAGE_TAGS = ("data_version", "data_hash", "summary_hash", "input_sha256", "input_source",
-                "params_hash", "git_commit", "prefect_flow_run_id", "dvc_hashes")
+LINEAGE_TAGS = ("data_version", "data_hash", "catalogue", "summary_hash", "input_sha256",
+                "input_source", "params_hash", "git_commit", "prefect_flow_run_id", "dvc_hashes")
 PROJECT = Path(__file__).resolve().parents[1]
 
 
@@ -64,6 +64,7 @@ def identity(params: Params, lineage: dict[str, Any]) -> dict[str, str]:
         "input_sha256": manifest_input.get("sha256", ""),
         "input_source": (lineage.get("input") or {}).get("source", manifest_input.get("name", "")),
         "eval_users": str(evaluated_users(dataset)),  # the evidence gate's figure
+        "catalogue": catalogue_fingerprint(dataset.item_ids),  # which items it knows
     }
     versioned = lineage.get("version")
     if versioned:

@@ -165,6 +165,7 @@ def versions_table(params: Params) -> list[dict[str, Any]]:
     for v in list_versions(root):
         row = v.to_json()
         row["input"] = (v.info or {}).get("input")
+        row["catalogue"] = (v.info or {}).get("catalogue")
         row["model_versions"] = by_data.get(v.id, [])
         row["champion"] = any(m["champion"] for m in row["model_versions"])
         rows.append(row)
@@ -192,7 +193,7 @@ def lineage(params: Params, model_uri: str) -> dict[str, Any]:
         "aliases": list(mv.aliases or []),
         "input": {"source": tags.get("input_source"), "sha256": tags.get("input_sha256")},
         "data_version": tags.get("data_version"), "data_hash": tags.get("data_hash"),
-        "summary_hash": tags.get("summary_hash"), "params_hash": tags.get("params_hash"),
+        "catalogue": tags.get("catalogue"), "summary_hash": tags.get("summary_hash"), "params_hash": tags.get("params_hash"),
         "git_commit": tags.get("git_commit"), "prefect_flow_run_id": tags.get("prefect_flow_run_id"),
         "mlflow_run_id": mv.run_id,
         "gate": {"passed": tags.get("gate.passed"), "metric": tags.get("gate.metric"),

@@ -101,7 +101,8 @@ def run(params: Params, lineage: Optional[dict[str, Any]] = None,
     if reports.is_dir():
         for f in sorted(p for p in reports.rglob("*") if p.is_file()):
             files[f"{reports_rel}/{f.relative_to(reports).as_posix()}"] = f.read_bytes()
-    info = {"input": lineage.get("input"), "params": params.to_dict(),
+    info = {"input": lineage.get("input"), "catalogue": _catalogue(params),
+            "params": params.to_dict(),
             "params_hash": params.section_hash(), "git_commit": lineage.get("git_commit"),
             "flow_run_id": lineage.get("flow_run_id")}
     version, created = record_version(root, lock_text, [f"{state_rel}/{p}" for p in DATA_OUTS],
@@ -110,6 +111,16 @@ def run(params: Params, lineage: Optional[dict[str, Any]] = None,
     log(f"{note} {version.id} ({time.perf_counter() - t0:.1f}s): {version.hashes()}")
     return {"version": version.id, "created": created, "commit": version.commit,
             "hashes": version.hashes()}
+
+
+def _catalogue(params: Params) -> str:
+    """The fingerprint of the processed data's items (:func:`tasks.gates.catalogue_fingerprint`)."""
+    import polars as pl
+
+    from tasks.gates import catalogue_fingerprint
+
+    items = pl.read_parquet(params.paths().processed / "item_map.parquet", columns=["raw_id"])
+    return catalogue_fingerprint(items.get_column("raw_id").to_numpy())
 
 
 @task(name="version", **task_options())

@@ -129,6 +129,36 @@ def test_a_rejected_run_is_named_rejected_in_prefect(two_runs):
     assert promoted.name == "Completed" and promoted.is_completed()
 
 
+def test_a_champion_of_another_catalogue_is_not_compared(two_runs, flow_env, tmp_path):
+    """Gate (b) on data whose items the champion does not know (the same log, every item id
+    moved): the real champion model is loaded, found to know 0% of the items, and skipped with
+    that reason; on its own catalogue it is compared as before. Versions record the catalogue."""
+    import polars as pl
+
+    from tasks import promote
+    from tasks.data import load_dataset
+    from tasks.gates import catalogue_fingerprint, evaluated_users
+    from tasks.ingest import ingest
+
+    other_log = tmp_path / "other-items.csv"
+    pl.read_csv(flow_env.input_csv).with_columns(pl.col("item_id") + 1_000_000).write_csv(
+        other_log)
+    ingest(other_log, tmp_path / "processed")
+    other = load_dataset(tmp_path / "processed")
+    params = flow_env.params()
+    champion = promote.champion_comparison(params, None, other, other.data_version)
+    assert champion["test"] is None and "knows 0% of this data's" in champion["other_catalogue"]
+    verdict = promote.decide(params, two_runs[1]["evaluation"], champion, evaluated_users(other))
+    gate = {g.name: g for g in verdict.gates}["champion"]
+    assert gate.passed and gate.reason.startswith(f"skipped: champion v{champion['version']} "
+                                                  "is of another catalogue")
+    own = load_dataset(params.paths().processed)
+    assert promote.champion_comparison(params, None, own, own.data_version)["test"]["ndcg@10"] > 0
+    tags = _client(flow_env).get_model_version(MODEL_NAME, champion["version"]).tags
+    assert tags["catalogue"] == catalogue_fingerprint(own.item_ids)
+    assert tags["catalogue"] != catalogue_fingerprint(other.item_ids)
+
+
 def test_status_json(two_runs, flow_env, restore_environ):
     res = _cli(["status", "--json"])
     assert res.exit_code == 0, res.output

@@ -102,6 +102,9 @@ def test_each_changed_log_is_a_new_version_and_unchanged_content_makes_none(stor
     assert [m["version"] for m in versions[0]["model_versions"]] == ["1"]
     assert versions[1]["champion"] and versions[1]["input"]["name"] == "ratings.csv"
     assert versions[0]["input"]["sha256"] != versions[1]["input"]["sha256"]
+    # the log grew over the same items: the same catalogue (a fingerprint of the item ids)
+    assert len(versions[0]["catalogue"]) == 12 and versions[1]["catalogue"] == versions[0]["catalogue"]
+    assert ws.version_tags("1")["catalogue"] == versions[0]["catalogue"]
     assert "up to date" in ws.dvc("status").lower()
 
 

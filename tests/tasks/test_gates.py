@@ -184,3 +184,23 @@ def test_evaluated_users_counts_users_with_a_test_item_and_the_report_wins():
     assert gate_inputs(ev, "ndcg@10", None, 3).eval_users == 3
     assert gate_inputs({**ev, "n_users": 70}, "ndcg@10", None, 3).eval_users == 70
     assert gate_inputs(ev, "ndcg@10", None, "12").eval_users == 12  # a registry tag's string
+
+
+def test_a_champion_of_another_catalogue_is_skipped_with_the_reason():
+    ev = _evaluation({"candidate": (23.5, 32.9), "pop": (10.0, 12.0), "ease": (24.0, 33.0),
+                      "ref": (23.9, 33.4)})
+    champion = {"version": "1", "test": None,
+                "other_catalogue": "it knows 0% of this data's 200 items, need ≥ 50%"}
+    v = decide_gates(gate_inputs(ev, "ndcg@10", champion, eval_users=400), T)
+    g = by_name(v)["champion"]
+    assert v.passed and g.passed  # a new catalogue's candidate that passes the rest is champion
+    assert g.reason.startswith("skipped: champion v1 is of another catalogue") and "0%" in g.reason
+
+
+def test_catalogue_fingerprint_and_overlap():
+    from tasks.gates import catalogue_fingerprint, catalogue_overlap
+
+    assert catalogue_fingerprint([3, 10, 17]) == catalogue_fingerprint([17, 3, 10, 3])
+    assert catalogue_fingerprint([3, 10, 17]) != catalogue_fingerprint([3, 10, 24])
+    assert catalogue_overlap([3, 10, 17], [3, 10, 24, 31]) == 0.5
+    assert catalogue_overlap([3, 10], [1_000_003]) == 0.0 and catalogue_overlap([1], []) == 0.0
