@@ -95,8 +95,13 @@ def _print_result(result: dict[str, Any]) -> None:
     name, verdict = result["model_name"], result.get("verdict")
     typer.echo("")
     if result.get("unchanged"):
+        champ = result.get("champion")
         typer.echo(f"unchanged: data {result['data_version']}, summary, params and code equal "
-                   f"the champion's ({name} version {result['version']}); nothing registered")
+                   f"{name} version {result['version']} ({result.get('equals') or '-'}); "
+                   f"nothing registered; champion: {'version ' + champ if champ else 'none'}")
+        seconds = result.get("seconds") or {}
+        if seconds:
+            typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
         return
     typer.echo(f"registered: {name} version {result['version']} (MLflow run "
                f"{result['run_id']}, data {result['data_version']}, summary "

@@ -135,9 +135,13 @@ def run(params: Params, registered: dict[str, Any],
     """The pipeline's promotion of the version ``registered`` (the register stage's output)."""
     log = log or say()
     if registered.get("unchanged"):
-        log(f"unchanged candidate: champion stays v{registered['version']}")
-        return {"unchanged": True, "promoted": False, "verdict": None,
-                "champion": registered["version"], "previous": None}
+        champ = registry.alias_version(params.tracking_uri(), params.registry.model_name,
+                                       registry.CHAMPION)
+        champion = str(champ.version) if champ is not None else None
+        log(f"unchanged candidate (equals {registered.get('equals') or 'v' + registered['version']})"
+            f": champion stays {'v' + champion if champion else 'unset'}")
+        return {"unchanged": True, "promoted": False, "verdict": None, "champion": champion,
+                "previous": None, "equals": registered.get("equals")}
     paths = params.paths()
     evaluation = read_json(paths.evaluation, "the evaluate stage's report")
     dataset = load_dataset(paths.processed)

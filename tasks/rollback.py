@@ -298,7 +298,8 @@ def _refit(params: Params, version: DataVersion, staged_params: Params,
                                             "tracking": params.tracking})
     registered = register.run(live, {"version": {"version": version.id,
                                                  "hashes": version.hashes()},
-                                     "input": (version.info or {}).get("input")}, log=log)
+                                     "input": (version.info or {}).get("input")}, log=log,
+                               champion_only=True)
     if registered["unchanged"]:
         return registered["version"], verdict, forced_by
     registry.set_version_tags(params.tracking_uri(), params.registry.model_name,

@@ -91,12 +91,19 @@ def test_each_changed_log_is_a_new_version_and_unchanged_content_makes_none(stor
     assert "data v1" in story.day1.stdout and "PROMOTED" in story.day1.stdout
     assert "data v2" in story.day2.stdout and story.v2 != story.v1
     assert ws.tree(f"{DATA}/input") == {f"{DATA}/input/ratings.csv": story.log.read_bytes()}
+    t0 = time.monotonic()
     same = ws.infrec(*story.run_args)
+    took = time.monotonic() - t0
     assert "data v2" in same.stdout or "unchanged" in same.stdout  # no new data version
     if registry.git_commit().endswith("+dirty"):  # uncommitted code: a candidate of its own
         assert "registered: infrec-infae version 3" in same.stdout
-    else:  # same data, summary, params and clean code as the champion: nothing registered
+    else:  # same input, data, summary, params and clean code as v2: decided before any stage
         assert "unchanged" in same.stdout and "nothing registered" in same.stdout
+        assert "equal infrec-infae version 2" in same.stdout, same.stdout
+        seconds = next(ln for ln in same.stdout.splitlines() if ln.startswith("seconds:"))
+        assert "unchanged-check" in seconds and "distill" not in seconds, seconds
+        print(f"unchanged run: {took:.1f} s ({seconds})")
+        assert took < 30, took
     versions = _versions(ws, cli=True)
     assert [v["version"] for v in versions] == ["v1", "v2"]
     assert [m["version"] for m in versions[0]["model_versions"]] == ["1"]
@@ -302,3 +309,22 @@ def test_small_log_caps_the_budget_and_runs_end_to_end(refusals, tmp_path):
     assert "budget: 500" in (ws.root / "dvc.lock").read_text()
     status = ws.dvc("status")
     assert "params.yaml" in status and "modified:           distill" in status
+
+
+def test_the_same_bytes_at_another_path_make_no_version_and_register_nothing(refusals, tmp_path):
+    """v1's log (rejected by params.yaml's strict gates) copied under another name: the run
+    finds v1's content — no new data version — and a model equal to one already judged on it —
+    nothing registered, the verdict not asked again; the champion does not move."""
+    ws, _ = refusals
+    copy = write_log(tmp_path / "elsewhere" / "day-one.csv", users=300)  # v1's bytes
+    client = ws.client()
+    before = (ws.git("tag", "--list", "data/*"),
+              len(client.search_model_versions(f"name='{MODEL}'")), ws.aliases())
+    res = ws.infrec("run", "--input", str(copy))
+    assert "data v1" in res.stdout, res.stdout[-2000:]
+    assert ws.git("tag", "--list", "data/*") == before[0]
+    if registry.git_commit().endswith("+dirty"):  # uncommitted code: a candidate of its own
+        return
+    assert "unchanged" in res.stdout and "nothing registered" in res.stdout, res.stdout[-2000:]
+    assert "rejected" in res.stdout  # it says which version it equals, and that one's verdict
+    assert (len(client.search_model_versions(f"name='{MODEL}'")), ws.aliases()) == before[1:]
