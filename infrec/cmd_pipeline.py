@@ -305,7 +305,7 @@ def status(
     p = load(params)
     info = guarded(_status, p)
     if as_json:
-        typer.echo(json.dumps(info, indent=2, default=str))
+        typer.echo(json.dumps(info, indent=2, default=str, ensure_ascii=False))
         return
     typer.echo(f"state dir:        {info['state_dir']}")
     typer.echo(f"MLflow tracking:  {info['tracking_uri']}")

@@ -29,7 +29,7 @@ def versions(
         typer.echo(f"warning: {w.message}", err=True)
     if as_json:
         typer.echo(json.dumps([{k: v for k, v in r.items() if k != "info"} for r in rows],
-                              indent=2))
+                              indent=2, ensure_ascii=False))
         return
     if not rows:
         typer.echo("no data versions yet (versioning.enabled: true, then `infrec run`)")

@@ -171,6 +171,7 @@ def test_status_json(two_runs, flow_env, restore_environ):
     last = info["last_run"]
     assert last["version"] == "2" and last["promoted"] is False
     assert any(r.startswith("FAIL fidelity") for r in last["reasons"])
+    assert "≥" in res.stdout and "\\u2265" not in res.stdout  # plain UTF-8, not escapes
 
 
 def test_bad_input_is_one_line_error(two_runs, flow_env, restore_environ, tmp_path):
