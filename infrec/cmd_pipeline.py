@@ -241,9 +241,10 @@ def _recommend(p, items: Optional[list[int]], user: Optional[str], k: int,
     limits = p.serving.model_dump()
     try:
         histories, ks = parse_rows({"history": [items], "k": [k]}, limits)
+        row = pyfunc.recommend(histories, ks)[0]
     except RequestError as exc:
-        raise InputError(str(exc)) from None
-    row = pyfunc.recommend(histories, ks)[0]
+        raise InputError(f"--history: {str(exc).removeprefix('row 0: ')}"
+                         if "known to this model" in str(exc) else str(exc)) from None
     return {"history_size": len(items), **row}, str(mv.version)
 
 
