@@ -116,6 +116,23 @@ def _describe(mv: Any) -> str:
     return f"v{mv.version}, {verdict}" + (", champion" if "champion" in (mv.aliases or []) else "")
 
 
+def _lock_agrees(params: Params) -> bool:
+    """With versioning on: dvc.lock already records this run's params (a run that would change
+    them — another ``--input`` path, ``--params other.yaml`` — runs its stages and rewrites it,
+    so ``dvc status`` stays true)."""
+    if not params.versioning.enabled:
+        return True
+    from tasks.dvc import set_lock_params
+    from tasks.version import check, lock_params
+
+    try:
+        root = check(params)
+        text = (root / "dvc.lock").read_text()
+    except (InputError, OSError):
+        return False
+    return set_lock_params(text, lock_params(params, root)) == text
+
+
 def unchanged_before_ingest(params: Params, lineage: dict[str, Any],
                             log: Optional[Callable[[str], None]] = None
                             ) -> Optional[dict[str, Any]]:
@@ -139,7 +156,7 @@ def unchanged_before_ingest(params: Params, lineage: dict[str, Any],
         return None
     data_hash = processed_data_hash(paths.processed)
     input_sha = sha256_file(source)
-    if (manifest.get("input") or {}).get("sha256") != input_sha:
+    if (manifest.get("input") or {}).get("sha256") != input_sha or not _lock_agrees(params):
         return None
     tags = {"data_hash": data_hash, "summary_hash": content_hash(paths.summary),
             "params_hash": model_params_hash(params), "git_commit": commit}
