@@ -70,13 +70,19 @@ def run(
     """Run the pipeline: ingest → distill → fit → evaluate → version → register → gates →
     promote."""
     p = load(params)
-    if input is not None:
-        if not input.is_file():
-            fail(f"{input}: input file not found")
-        p = sync_input(p, params, input)
+    if input is not None and not input.is_file():
+        fail(f"{input}: input file not found")
+    from tasks.ingest import validate_params_input
+
+    # before anything is written or started: the whole input file parses (or the first bad line
+    # is named; without importing Prefect, so a refusal takes about a second), and versioning
+    # has a matching workspace
+    guarded(validate_params_input, p, input)
     from tasks.version import check
 
-    guarded(check, p)  # before any stage: versioning needs a matching workspace
+    guarded(check, p)
+    if input is not None:
+        p = sync_input(p, params, input)
     from flows.pipeline import run_pipeline
 
     _quiet_input_errors()
@@ -90,8 +96,13 @@ def _print_result(result: dict[str, Any]) -> None:
     name, verdict = result["model_name"], result.get("verdict")
     typer.echo("")
     if result.get("unchanged"):
+        champ = result.get("champion")
         typer.echo(f"unchanged: data {result['data_version']}, summary, params and code equal "
-                   f"the champion's ({name} version {result['version']}); nothing registered")
+                   f"{name} version {result['version']} ({result.get('equals') or '-'}); "
+                   f"nothing registered; champion: {'version ' + champ if champ else 'none'}")
+        seconds = result.get("seconds") or {}
+        if seconds:
+            typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
         return
     typer.echo(f"registered: {name} version {result['version']} (MLflow run "
                f"{result['run_id']}, data {result['data_version']}, summary "
@@ -235,9 +246,10 @@ def _recommend(p, items: Optional[list[int]], user: Optional[str], k: int,
     limits = p.serving.model_dump()
     try:
         histories, ks = parse_rows({"history": [items], "k": [k]}, limits)
+        row = pyfunc.recommend(histories, ks)[0]
     except RequestError as exc:
-        raise InputError(str(exc)) from None
-    row = pyfunc.recommend(histories, ks)[0]
+        raise InputError(f"--history: {str(exc).removeprefix('row 0: ')}"
+                         if "known to this model" in str(exc) else str(exc)) from None
     return {"history_size": len(items), **row}, str(mv.version)
 
 
@@ -299,7 +311,7 @@ def status(
     p = load(params)
     info = guarded(_status, p)
     if as_json:
-        typer.echo(json.dumps(info, indent=2, default=str))
+        typer.echo(json.dumps(info, indent=2, default=str, ensure_ascii=False))
         return
     typer.echo(f"state dir:        {info['state_dir']}")
     typer.echo(f"MLflow tracking:  {info['tracking_uri']}")

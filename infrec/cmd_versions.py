@@ -29,7 +29,7 @@ def versions(
         typer.echo(f"warning: {w.message}", err=True)
     if as_json:
         typer.echo(json.dumps([{k: v for k, v in r.items() if k != "info"} for r in rows],
-                              indent=2))
+                              indent=2, ensure_ascii=False))
         return
     if not rows:
         typer.echo("no data versions yet (versioning.enabled: true, then `infrec run`)")
@@ -43,7 +43,8 @@ def versions(
         sha = ((r.get("input") or {}).get("sha256") or "")[:8]
         hashes = " ".join(f"{Path(k).name}={(v or '')[:8]}" for k, v in r["hashes"].items())
         typer.echo(f"{r['version']:>4}  {r['created']}  input {source} {sha}  "
-                   f"{r['size'] / 1e6:7.2f} MB  {hashes}  models: {models}")
+                   f"{r['size'] / 1e6:7.2f} MB  {hashes}  catalogue {r.get('catalogue') or '-'}"
+                   f"  models: {models}")
     typer.echo("(* = champion)")
 
 
@@ -76,18 +77,47 @@ def rollback(
                f"(was {event['from_champion'] or 'none'})")
 
 
+def lineage_table(info: dict) -> str:
+    """``infrec lineage`` as a plain UTF-8 table: one row per fact, the gate reasons below."""
+    gate = info.get("gate") or {}
+    verdict = {"true": "passed", "false": "failed"}.get(gate.get("passed") or "", "no verdict")
+    inp = info.get("input") or {}
+    rows = [
+        ("model", f"{info['name']} version {info['version']}  ({info['model_uri']})"),
+        ("aliases", ", ".join(info.get("aliases") or []) or "-"),
+        ("input file", f"{inp.get('source') or '-'}  sha256 {inp.get('sha256') or '-'}"),
+        ("data version", f"{info.get('data_version') or '-'}  (data hash "
+                         f"{info.get('data_hash') or '-'})"),
+        ("catalogue", info.get("catalogue") or "-"),
+        ("summary hash", info.get("summary_hash") or "-"),
+        ("params hash", info.get("params_hash") or "-"),
+        ("code commit", info.get("git_commit") or "-"),
+        ("Prefect flow run", info.get("prefect_flow_run_id") or "-"),
+        ("MLflow run", info.get("mlflow_run_id") or "-"),
+        ("gates", f"{verdict} on {gate.get('metric') or '-'}; promoted "
+                  f"{gate.get('promoted') or '-'}; {gate.get('state') or '-'}"),
+    ]
+    rows += [("", reason) for reason in gate.get("reasons") or []]
+    if info.get("refit"):
+        rows.append(("refit", info["refit"]))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}".rstrip() for k, v in rows)
+
+
 def lineage(
     model_uri: Optional[str] = typer.Argument(
         None, help="models:/NAME@ALIAS or models:/NAME/VERSION (default: the champion)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     params: Optional[Path] = params_option(),
 ) -> None:
     """A model version's lineage: input file hash, data version, summary hash, params hash, code
-    commit, Prefect flow run, MLflow run, aliases and gate verdict."""
+    commit, Prefect flow run, MLflow run, aliases and gate verdict (a table; JSON with --json)."""
     from tasks.rollback import lineage as get_lineage
 
     p = load(params)
     uri = model_uri or f"models:/{p.registry.model_name}@champion"
-    typer.echo(json.dumps(guarded(get_lineage, p, uri), indent=2))
+    info = guarded(get_lineage, p, uri)
+    typer.echo(json.dumps(info, indent=2, ensure_ascii=False) if as_json else lineage_table(info))
 
 
 def register(app: typer.Typer) -> None:

@@ -1,18 +1,25 @@
 """Promotion gates: a pure decision from numbers to a verdict with reasons (no I/O).
 
-Three gates, on one metric (``selection.metric``, default nDCG@10; values ×100) — the metric
+Four gates, on one metric (``selection.metric``, default nDCG@10; values ×100) — the metric
 that also chose every λ and the summary's best step:
+
+(0) **evidence** — the candidate was evaluated on at least ``min_eval_users`` test users (users
+    with a test interaction): a handful of users proves nothing, so such a candidate is never
+    eligible, whatever its numbers;
 
 (a) **baselines** — on validation, the candidate beats PopRec by at least ``pop_margin`` points
     and reaches ``ease_fraction`` × a tuned EASE fitted on the same data;
 (b) **champion** — on test, the candidate is not worse than the current champion by more than
-    ``champion_epsilon`` points (passes when there is no champion yet);
+    ``champion_epsilon`` points (passes when there is no champion yet, and is skipped, with the
+    reason, when the champion belongs to another catalogue: it knows less than
+    ``min_catalogue_overlap`` of the data's items);
 (c) **fidelity** — on test, the candidate (fitted on a summary) reaches ``fidelity_fraction`` ×
     ∞-AE fitted on all users of the same data (or on the largest user sample that fits: the
     reference's description is part of the reason).
 
 Every gate is evaluated (no short-circuit) so a verdict lists every reason. A missing or
-non-finite number fails its gate.
+non-finite number fails its gate, and so does a ratio gate whose reference is zero (a candidate
+compared with nothing has not shown anything).
 """
 
 from __future__ import annotations
@@ -21,14 +28,21 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+import numpy as np
+
+from tasks.params import GatesParams
+
+_DEFAULT_GATES = GatesParams()  # the defaults live once, in the params schema
+
 
 @dataclass(frozen=True)
 class GateThresholds:
     metric: str = "ndcg@10"
-    pop_margin: float = 1.0
-    ease_fraction: float = 0.97
-    champion_epsilon: float = 0.5
-    fidelity_fraction: float = 0.95
+    pop_margin: float = _DEFAULT_GATES.pop_margin
+    ease_fraction: float = _DEFAULT_GATES.ease_fraction
+    champion_epsilon: float = _DEFAULT_GATES.champion_epsilon
+    fidelity_fraction: float = _DEFAULT_GATES.fidelity_fraction
+    min_eval_users: int = _DEFAULT_GATES.min_eval_users
 
     @classmethod
     def from_params(cls, params: Any) -> "GateThresholds":
@@ -36,7 +50,7 @@ class GateThresholds:
         g = params.gates
         return cls(metric=params.selection.metric, pop_margin=g.pop_margin,
                    ease_fraction=g.ease_fraction, champion_epsilon=g.champion_epsilon,
-                   fidelity_fraction=g.fidelity_fraction)
+                   fidelity_fraction=g.fidelity_fraction, min_eval_users=g.min_eval_users)
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,11 @@ class GateInputs:
     # why the champion could not be compared (its artifacts do not load, say): gate (b) is then
     # skipped with this reason instead of failing every later run
     champion_unusable: Optional[str] = None
+    # why the champion is of another catalogue (it knows too few of this data's items): gate (b)
+    # is then skipped with this reason — the old catalogue's numbers say nothing about this one
+    champion_other_catalogue: Optional[str] = None
+    # test users the candidate was evaluated on (users with a test interaction); None: unknown
+    eval_users: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -85,11 +104,36 @@ class Verdict:
                 "reasons": self.reasons}
 
 
+def catalogue_fingerprint(item_ids: Any) -> str:
+    """The catalogue's identity: a short hash of the sorted, distinct raw item ids."""
+    import hashlib
+
+    ids = np.unique(np.asarray(item_ids, dtype=np.int64))
+    return hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest()[:12]
+
+
+def catalogue_overlap(model_item_ids: Any, data_item_ids: Any) -> float:
+    """Share of the data's items that a model knows (1.0: every one; 0.0: none)."""
+    data = np.unique(np.asarray(data_item_ids, dtype=np.int64))
+    if data.size == 0:
+        return 0.0
+    return float(np.isin(data, np.asarray(model_item_ids, dtype=np.int64)).mean())
+
+
+def evaluated_users(dataset: Any) -> int:
+    """Test users of a :class:`tasks.data.Dataset`: users with at least one test interaction —
+    the users every test metric is averaged over."""
+    return int(np.count_nonzero(np.diff(dataset.test.indptr)))
+
+
 def gate_inputs(evaluation: dict[str, Any], metric: str,
-                champion: Optional[dict[str, Any]] = None) -> GateInputs:
+                champion: Optional[dict[str, Any]] = None,
+                eval_users: Optional[int] = None) -> GateInputs:
     """The gates' numbers from an evaluate-stage report (``evaluation.json``) and the champion
     (``{"version", "test": {metric: value} or None, "note"}``; None: no champion). The one place
-    gate inputs are built — for a pipeline run and for ``infrec promote VERSION`` alike."""
+    gate inputs are built — for a pipeline run and for ``infrec promote VERSION`` alike.
+    ``eval_users``: the test users (:func:`evaluated_users`), when the report does not say
+    (``n_users`` in the report wins)."""
     def pick(block: Optional[dict[str, Any]], split: str) -> Optional[float]:
         value = ((block or {}).get(split) or {}).get(metric)
         return None if value is None else float(value)
@@ -107,7 +151,16 @@ def gate_inputs(evaluation: dict[str, Any], metric: str,
         champion_version=None if champion is None else str(champion["version"]),
         champion_note="" if champion is None else champion.get("note", ""),
         champion_unusable=None if champion is None else champion.get("unusable"),
+        champion_other_catalogue=None if champion is None else champion.get("other_catalogue"),
+        eval_users=_users(evaluation.get("n_users", eval_users)),
     )
+
+
+def _users(value: Any) -> Optional[int]:
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _ok(x: Optional[float]) -> bool:
@@ -119,6 +172,18 @@ def _bad_numbers(**named: Optional[float]) -> Optional[str]:
     return f"missing or non-finite {', '.join(bad)}" if bad else None
 
 
+def evidence_gate(inp: GateInputs, t: GateThresholds) -> GateResult:
+    need = t.min_eval_users
+    if inp.eval_users is None:
+        return GateResult("evidence", False, f"number of test users unknown (need ≥ {need}); "
+                          "not eligible", threshold=float(need))
+    passed = inp.eval_users >= need
+    reason = (f"evaluated on {inp.eval_users} test users (need ≥ {need})"
+              + ("" if passed else "; too few to judge: not eligible"))
+    return GateResult("evidence", passed, reason, value=float(inp.eval_users),
+                      threshold=float(need))
+
+
 def baselines_gate(inp: GateInputs, t: GateThresholds) -> GateResult:
     m = t.metric
     problem = _bad_numbers(candidate_val=inp.candidate_val, pop_val=inp.pop_val,
@@ -128,12 +193,14 @@ def baselines_gate(inp: GateInputs, t: GateThresholds) -> GateResult:
     lead = inp.candidate_val - inp.pop_val
     need = t.ease_fraction * inp.ease_val
     beats_pop = lead >= t.pop_margin
-    near_ease = inp.candidate_val >= need
-    ratio = inp.candidate_val / inp.ease_val if inp.ease_val > 0 else math.inf
+    # a zero reference is no evidence: the ratio is undefined, the gate fails
+    near_ease = inp.ease_val > 0 and inp.candidate_val >= need
+    ratio = (f"{inp.candidate_val / inp.ease_val:.3f}×" if inp.ease_val > 0
+             else "no ratio: EASE scores 0")
     reason = (
         f"val {m} {inp.candidate_val:.2f} vs PopRec {inp.pop_val:.2f} "
         f"({lead:+.2f}, need ≥ +{t.pop_margin:g}){'' if beats_pop else ' ✗'}; "
-        f"vs EASE {inp.ease_val:.2f} ({ratio:.3f}×, need ≥ {t.ease_fraction:g}×)"
+        f"vs EASE {inp.ease_val:.2f} ({ratio}, need ≥ {t.ease_fraction:g}×)"
         f"{'' if near_ease else ' ✗'}"
     )
     return GateResult("baselines", beats_pop and near_ease, reason, value=inp.candidate_val,
@@ -145,6 +212,9 @@ def champion_gate(inp: GateInputs, t: GateThresholds) -> GateResult:
     if inp.champion_unusable:
         return GateResult("champion", True, f"skipped: champion v{inp.champion_version} is "
                           f"unusable ({inp.champion_unusable})")
+    if inp.champion_other_catalogue:
+        return GateResult("champion", True, f"skipped: champion v{inp.champion_version} is of "
+                          f"another catalogue ({inp.champion_other_catalogue}); not compared")
     if inp.champion_version is None:
         return GateResult("champion", True, "no champion yet")
     problem = _bad_numbers(candidate_test=inp.candidate_test, champion_test=inp.champion_test)
@@ -167,8 +237,14 @@ def fidelity_gate(inp: GateInputs, t: GateThresholds) -> GateResult:
     problem = _bad_numbers(candidate_test=inp.candidate_test, reference_test=inp.reference_test)
     if problem:
         return GateResult("fidelity", False, problem)
+    if inp.reference_test <= 0:  # a zero reference is no evidence: no ratio, the gate fails
+        return GateResult("fidelity", False,
+                          f"test {m} {inp.candidate_test:.2f} vs {inp.reference} "
+                          f"{inp.reference_test:.2f}: a zero reference gives no ratio "
+                          f"(need ≥ {t.fidelity_fraction:g}×)",
+                          threshold=t.fidelity_fraction)
     need = t.fidelity_fraction * inp.reference_test
-    ratio = inp.candidate_test / inp.reference_test if inp.reference_test > 0 else math.inf
+    ratio = inp.candidate_test / inp.reference_test
     passed = inp.candidate_test >= need
     reason = (
         f"test {m} {inp.candidate_test:.2f} = {ratio:.3f}× {inp.reference} "
@@ -178,8 +254,9 @@ def fidelity_gate(inp: GateInputs, t: GateThresholds) -> GateResult:
 
 
 def decide_gates(inputs: GateInputs, thresholds: GateThresholds = GateThresholds()) -> Verdict:
-    """Evaluate gates (a), (b), (c); the verdict passes only if all three pass."""
+    """Evaluate gates (0), (a), (b), (c); the verdict passes only if all four pass."""
     results = (
+        evidence_gate(inputs, thresholds),
         baselines_gate(inputs, thresholds),
         champion_gate(inputs, thresholds),
         fidelity_gate(inputs, thresholds),
@@ -187,4 +264,5 @@ def decide_gates(inputs: GateInputs, thresholds: GateThresholds = GateThresholds
     return Verdict(passed=all(r.passed for r in results), gates=results)
 
 
-__all__ = ["GateThresholds", "GateInputs", "GateResult", "Verdict", "decide_gates", "gate_inputs"]
+__all__ = ["GateThresholds", "GateInputs", "GateResult", "Verdict", "decide_gates", "gate_inputs",
+           "evaluated_users", "catalogue_fingerprint", "catalogue_overlap"]

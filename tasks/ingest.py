@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from prefect import task
 
 from tasks.errors import InputError
 from tasks.io import atomic_dir, sha256_file
@@ -127,6 +126,36 @@ def ingest(
     }
     manifest["outputs"] = _write_outputs(out_dir, tables, manifest, overwrite)
     return manifest
+
+
+def validate(input_path, *, fmt: str | None = None, seed: int = 0, min_rating: float | None = None,
+             columns: dict[str, str] | None = None, min_user_interactions: int = 3,
+             label: str | None = None) -> dict:
+    """Parse and check the whole of ``input_path`` exactly as :func:`ingest` would — every row,
+    the filters, the users left — and write nothing. Returns the counts; raises the same one-line
+    :class:`InputError` (naming the file and the line or column of the first problem). What
+    ``infrec run`` calls before it touches ``params.yaml``, starts a server or writes a file."""
+    src = label or str(input_path)
+    input_path = Path(input_path)
+    _check_input_file(input_path, src)
+    detected = detect_format(input_path, fmt, src)
+    df = _load(input_path, detected, columns or {}, src)
+    _, counts, _, _ = _process(df, src, seed, min_rating, min_user_interactions)
+    return {"format": detected, "counts": counts}
+
+
+def validate_params_input(params, path=None) -> dict | None:
+    """:func:`validate` of the file the ingest stage would read with ``params`` (``path``
+    overrides ``ingest.input``); None for the embedded default (nothing to check)."""
+    ing = params.ingest
+    if path is None and ing.input is None:
+        return None
+    source = Path(path).expanduser().resolve() if path is not None else params.input_path()
+    columns = {role: name for role, name in (("user", ing.user_col), ("item", ing.item_col),
+                                              ("rating", ing.rating_col)) if name}
+    return validate(source, fmt=ing.format, seed=ing.seed, min_rating=ing.min_rating,
+                    columns=columns or None, min_user_interactions=ing.min_user_interactions,
+                    label=str(path if path is not None else source))
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,6 +506,7 @@ def _describe(role: str, row: dict, names: dict[str, str], fmt: str) -> str:
 
 def _locate_text_problem(path: Path, fmt: str, sep: str | None, n_header: int) -> str | None:
     """Slow pass, error path only: find the first line that is not UTF-8 or has too many fields."""
+    quoted_from = 0  # the line whose '"' opened a quoted field not closed yet (0: none open)
     try:
         with open(path, "rb") as fh:
             for lineno, raw in enumerate(fh, start=1):
@@ -484,7 +514,12 @@ def _locate_text_problem(path: Path, fmt: str, sep: str | None, n_header: int) -
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError:
                     return f"line {lineno}: not valid UTF-8 text (binary data or wrong encoding?)"
-                if fmt in ("csv", "tsv") and lineno > 1:
+                if fmt not in ("csv", "tsv"):
+                    continue
+                opened_before = quoted_from
+                if line.count('"') % 2:  # a quoted field opens (or closes) on this line
+                    quoted_from = 0 if quoted_from else lineno
+                if lineno > 1 and not opened_before and not quoted_from:
                     line = line.rstrip("\r\n")
                     if not line:
                         continue
@@ -493,6 +528,9 @@ def _locate_text_problem(path: Path, fmt: str, sep: str | None, n_header: int) -
                         return f"line {lineno}: {len(fields)} fields but the header has {n_header}"
     except OSError as exc:
         return f"cannot read file: {exc.strerror or exc}"
+    if quoted_from:
+        return (f"line {quoted_from}: unclosed quote: the '\"' there opens a field that never "
+                "ends")
     return None
 
 
@@ -738,6 +776,18 @@ def run(params, log=None) -> dict:
                       "sha256": manifest["input"]["sha256"], "size": size}}
 
 
-@task(name="ingest", **task_options())
-def ingest_task(params) -> dict:
+def _ingest_task(params) -> dict:
     return run(params)
+
+
+def __getattr__(name: str):
+    """``ingest_task``, the stage's Prefect task, is made on first use: checking a file
+    (:func:`validate`, the first thing ``infrec run`` does) then never imports Prefect (≈ 1.5 s
+    of a refusal that must take under 3 s)."""
+    if name != "ingest_task":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from prefect import task
+
+    made = task(name="ingest", **task_options())(_ingest_task)
+    globals()["ingest_task"] = made
+    return made

@@ -158,6 +158,11 @@ class GatesParams(_Section):
     ease_fraction: float = Field(0.97, ge=0, le=2)  # (a) candidate val ≥ this × tuned EASE val
     champion_epsilon: float = Field(0.5, ge=0, le=100)  # (b) candidate test ≥ champion − ε
     fidelity_fraction: float = Field(0.95, ge=0, le=2)  # (c) test ≥ this × ∞-AE on all users
+    # (0) a candidate evaluated on fewer test users is not eligible (too little evidence)
+    min_eval_users: int = Field(50, ge=1)
+    # (b) the champion is compared only when it knows at least this share of the data's items
+    # (the same catalogue); a champion of another catalogue is skipped, with the reason
+    min_catalogue_overlap: float = Field(0.5, ge=0, le=1)
 
 
 class RegistryParams(_Section):

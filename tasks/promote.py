@@ -27,7 +27,8 @@ from prefect import task
 from tasks import registry
 from tasks.data import Dataset, load_dataset
 from tasks.errors import InputError
-from tasks.gates import GateThresholds, Verdict, decide_gates, gate_inputs
+from tasks.gates import (GateThresholds, Verdict, catalogue_fingerprint, catalogue_overlap,
+                         decide_gates, evaluated_users, gate_inputs)
 from tasks.io import read_json
 from tasks.params import Params
 from tasks.runtime import say, task_options
@@ -37,8 +38,10 @@ def champion_comparison(params: Params, candidate_version: Optional[str],
                         dataset: Optional[Dataset], candidate_data: Optional[str]
                         ) -> Optional[dict[str, Any]]:
     """The champion's test metrics for gate (b): re-evaluated on ``dataset`` (the candidate's
-    data) when given, else its logged test metrics; ``unusable`` when it cannot be loaded.
-    None when there is no champion (or the candidate is the champion)."""
+    data) when given, else its logged test metrics; ``unusable`` when it cannot be loaded;
+    ``other_catalogue`` when it knows less than ``gates.min_catalogue_overlap`` of the data's
+    items (another catalogue: not compared). None when there is no champion (or the candidate
+    is the champion)."""
     from tasks.evaluate import evaluate_model_on
 
     uri, name = params.tracking_uri(), params.registry.model_name
@@ -55,6 +58,16 @@ def champion_comparison(params: Params, candidate_version: Optional[str],
                         "longer on disk"}
     try:
         model, item_ids, _ = registry.load_version_model(uri, f"models:/{name}/{version}")
+    except InputError as exc:
+        return {"version": version, "test": None, "unusable": str(exc)}
+    overlap = catalogue_overlap(item_ids, dataset.item_ids)
+    if overlap < params.gates.min_catalogue_overlap:
+        return {"version": version, "test": None, "other_catalogue": (
+            f"it knows {overlap:.0%} of this data's {dataset.n_items} items, need ≥ "
+            f"{params.gates.min_catalogue_overlap:.0%}; catalogue "
+            f"{champ_tags.get('catalogue') or catalogue_fingerprint(item_ids)} vs "
+            f"{catalogue_fingerprint(dataset.item_ids)}")}
+    try:
         test = evaluate_model_on(model, item_ids, dataset, max_users=params.evaluate.max_users,
                                  sample_seed=params.evaluate.sample_seed)
     except InputError as exc:
@@ -110,10 +123,11 @@ def apply_verdict(params: Params, version: str, verdict: Verdict, run_id: Option
     return finish_promotion(params, version, verdict.passed or forced_by is not None)
 
 
-def decide(params: Params, evaluation: dict[str, Any], champion: Optional[dict[str, Any]]
-           ) -> Verdict:
-    """The verdict for an evaluate-stage report against ``champion`` (pure)."""
-    return decide_gates(gate_inputs(evaluation, params.selection.metric, champion),
+def decide(params: Params, evaluation: dict[str, Any], champion: Optional[dict[str, Any]],
+           eval_users: Optional[int] = None) -> Verdict:
+    """The verdict for an evaluate-stage report against ``champion`` (pure); ``eval_users``:
+    the test users it was evaluated on (:func:`tasks.gates.evaluated_users`)."""
+    return decide_gates(gate_inputs(evaluation, params.selection.metric, champion, eval_users),
                         GateThresholds.from_params(params))
 
 
@@ -122,14 +136,18 @@ def run(params: Params, registered: dict[str, Any],
     """The pipeline's promotion of the version ``registered`` (the register stage's output)."""
     log = log or say()
     if registered.get("unchanged"):
-        log(f"unchanged candidate: champion stays v{registered['version']}")
-        return {"unchanged": True, "promoted": False, "verdict": None,
-                "champion": registered["version"], "previous": None}
+        champ = registry.alias_version(params.tracking_uri(), params.registry.model_name,
+                                       registry.CHAMPION)
+        champion = str(champ.version) if champ is not None else None
+        log(f"unchanged candidate (equals {registered.get('equals') or 'v' + registered['version']})"
+            f": champion stays {'v' + champion if champion else 'unset'}")
+        return {"unchanged": True, "promoted": False, "verdict": None, "champion": champion,
+                "previous": None, "equals": registered.get("equals")}
     paths = params.paths()
     evaluation = read_json(paths.evaluation, "the evaluate stage's report")
     dataset = load_dataset(paths.processed)
     champion = champion_comparison(params, registered["version"], dataset, dataset.data_version)
-    verdict = decide(params, evaluation, champion)
+    verdict = decide(params, evaluation, champion, evaluated_users(dataset))
     for line in verdict.reasons:
         log(line)
     moved = apply_verdict(params, registered["version"], verdict, registered.get("run_id"))
@@ -175,7 +193,9 @@ def promote_version(params: Params, version: str, force: bool = False,
     except InputError:
         pass
     champion = champion_comparison(params, str(mv.version), dataset, tags.get("data_hash"))
-    verdict = decide(params, evaluation, champion)
+    # the test users it was evaluated on: from its data when on disk, else its registration tag
+    eval_users = evaluated_users(dataset) if dataset is not None else tags.get("eval_users")
+    verdict = decide(params, evaluation, champion, eval_users)
     if not verdict.passed and not force:
         return {"verdict": verdict, "promoted": False,
                 "champion": str(champ.version) if champ is not None else None}

@@ -11,8 +11,11 @@ files) and
   with the project's ``models/`` and ``tasks/`` as its code);
 * registers it under ``registry.model_name`` with the lineage as version tags.
 
-A candidate whose data, summary, params and code equal the champion's is **unchanged**: nothing
-is logged or registered and the champion's version is returned. Entry points:
+A candidate whose data, summary, params and code equal those of any registered version (champion
+or not, never an ``incomplete`` one) is **unchanged**: nothing is logged or registered and that
+version is returned. :func:`unchanged_before_ingest` decides the same before any stage runs (the
+input's content, the data and summary on disk, the params and the code), so a run over unchanged
+data ends in seconds. Entry points:
 :func:`register_task` and ``infrec register --params params.yaml`` (after ``dvc repro``).
 """
 
@@ -29,15 +32,18 @@ from prefect import task
 
 from tasks import registry
 from tasks.data import load_dataset
-from tasks.io import content_hash, read_json
+from tasks.errors import InputError
+from tasks.gates import catalogue_fingerprint, evaluated_users
+from tasks.io import content_hash, read_json, sha256_file
 from tasks.params import Params
 from tasks.runtime import fault_point, say, task_options
+from tasks.version import processed_data_hash
 
 # the sections whose values decide the candidate and its verdict (tracking, schedule, serving and
 # versioning do not)
 MODEL_SECTIONS = ("generate", "ingest", "selection", "fit", "distill", "evaluate", "gates")
-LINEAGE_TAGS = ("data_version", "data_hash", "summary_hash", "input_sha256", "input_source",
-                "params_hash", "git_commit", "prefect_flow_run_id", "dvc_hashes")
+LINEAGE_TAGS = ("data_version", "data_hash", "catalogue", "summary_hash", "input_sha256",
+                "input_source", "params_hash", "git_commit", "prefect_flow_run_id", "dvc_hashes")
 PROJECT = Path(__file__).resolve().parents[1]
 
 
@@ -62,6 +68,8 @@ def identity(params: Params, lineage: dict[str, Any]) -> dict[str, str]:
         "git_commit": lineage.get("git_commit") or registry.git_commit(),
         "input_sha256": manifest_input.get("sha256", ""),
         "input_source": (lineage.get("input") or {}).get("source", manifest_input.get("name", "")),
+        "eval_users": str(evaluated_users(dataset)),  # the evidence gate's figure
+        "catalogue": catalogue_fingerprint(dataset.item_ids),  # which items it knows
     }
     versioned = lineage.get("version")
     if versioned:
@@ -72,17 +80,102 @@ def identity(params: Params, lineage: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
-def unchanged_champion(tracking_uri: str, name: str, tags: dict[str, str]) -> Optional[str]:
-    """The champion's version when the candidate equals it (same data, summary, params, clean
-    code), else None."""
+_SAME = ("data_hash", "summary_hash", "params_hash", "git_commit")
+
+
+def equal_version(tracking_uri: str, name: str, tags: dict[str, str],
+                  champion_only: bool = False) -> Optional[Any]:
+    """The newest decided version (the champion only, with ``champion_only``) whose data,
+    summary, params and clean code equal ``tags``'s: its verdict recorded and its aliases moved
+    (never one whose run was interrupted). None when the code is uncommitted or none equals it."""
     if tags["git_commit"].endswith("+dirty") or tags["git_commit"] == "unknown":
         return None
-    champ = registry.alias_version(tracking_uri, name, registry.CHAMPION)
-    if champ is None:
+    if champion_only:
+        champ = registry.alias_version(tracking_uri, name, registry.CHAMPION)
+        candidates = [champ] if champ is not None else []
+    else:
+        candidates = registry.model_versions(tracking_uri, name)[::-1]
+    for mv in candidates:
+        t = mv.tags or {}
+        if t.get(registry.STATE_TAG) == registry.DECIDED and all(t.get(k) == tags[k]
+                                                                 for k in _SAME):
+            return mv
+    return None
+
+
+def unchanged_champion(tracking_uri: str, name: str, tags: dict[str, str]) -> Optional[str]:
+    """The champion's version when the candidate equals it, else None."""
+    mv = equal_version(tracking_uri, name, tags, champion_only=True)
+    return None if mv is None else str(mv.version)
+
+
+def _describe(mv: Any) -> str:
+    t = mv.tags or {}
+    verdict = {"true": "passed its gates", "false": "rejected"}.get(t.get("gate.passed") or "",
+                                                                   "no verdict")
+    return f"v{mv.version}, {verdict}" + (", champion" if "champion" in (mv.aliases or []) else "")
+
+
+def _lock_agrees(params: Params) -> bool:
+    """With versioning on: dvc.lock already records this run's params (a run that would change
+    them — another ``--input`` path, ``--params other.yaml`` — runs its stages and rewrites it,
+    so ``dvc status`` stays true)."""
+    if not params.versioning.enabled:
+        return True
+    from tasks.dvc import set_lock_params
+    from tasks.version import check, lock_params
+
+    try:
+        root = check(params)
+        text = (root / "dvc.lock").read_text()
+    except (InputError, OSError):
+        return False
+    return set_lock_params(text, lock_params(params, root)) == text
+
+
+def unchanged_before_ingest(params: Params, lineage: dict[str, Any],
+                            log: Optional[Callable[[str], None]] = None
+                            ) -> Optional[dict[str, Any]]:
+    """Before any stage: when the input file's content is what the data on disk was made from,
+    and that data, the summary on disk, the params and the (clean) code equal a registered
+    version's, the run is **unchanged** — the pipeline's result (from that run's reports on disk)
+    with nothing run or registered. None otherwise (the stages run)."""
+    log = log or say()
+    paths, uri, name = params.paths(), params.tracking_uri(), params.registry.model_name
+    commit = lineage.get("git_commit") or registry.git_commit()
+    source = params.input_path()
+    needed = (source, paths.summary, paths.evaluation, paths.distill_report,
+              paths.processed / "manifest.json")
+    if commit.endswith("+dirty") or commit == "unknown" or not all(p.is_file() for p in needed):
         return None
-    ct = champ.tags or {}
-    keys = ("data_hash", "summary_hash", "params_hash", "git_commit")
-    return str(champ.version) if all(ct.get(k) == tags[k] for k in keys) else None
+    try:
+        manifest = json.loads((paths.processed / "manifest.json").read_text())
+        evaluation = read_json(paths.evaluation, "the evaluate stage's report")
+        distill_report = read_json(paths.distill_report, "the distill stage's report")
+    except (OSError, ValueError, InputError):
+        return None
+    data_hash = processed_data_hash(paths.processed)
+    input_sha = sha256_file(source)
+    if (manifest.get("input") or {}).get("sha256") != input_sha or not _lock_agrees(params):
+        return None
+    tags = {"data_hash": data_hash, "summary_hash": content_hash(paths.summary),
+            "params_hash": model_params_hash(params), "git_commit": commit}
+    mv = equal_version(uri, name, tags)
+    if mv is None or (params.versioning.enabled and not (mv.tags or {}).get("data_version")):
+        return None
+    mv_tags = mv.tags or {}
+    champ = registry.alias_version(uri, name, registry.CHAMPION)
+    log(f"unchanged: the input's content, data, summary, params and code equal {name} "
+        f"{_describe(mv)}; no stage run, nothing registered")
+    return {"model_name": name, "version": str(mv.version), "run_id": None,
+            "data_version": mv_tags.get("data_version") or data_hash,
+            "summary_hash": tags["summary_hash"], "metric": params.selection.metric,
+            "candidate": {k: evaluation["candidate"][k] for k in ("lambda", "val", "test")},
+            "evaluation": evaluation, "distill": distill_report,
+            "input": {"source": str(source), "name": source.name, "sha256": input_sha,
+                      "size": source.stat().st_size},
+            "unchanged": True, "equals": _describe(mv), "promoted": False, "verdict": None,
+            "champion": str(champ.version) if champ is not None else None, "previous": None}
 
 
 def _curve_histories(curve_csv: Path) -> dict[str, list[tuple[int, float]]]:
@@ -120,9 +213,11 @@ def run_metrics(evaluation: dict[str, Any], distill_report: dict[str, Any],
 
 
 def run(params: Params, lineage: Optional[dict[str, Any]] = None,
-        log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+        log: Optional[Callable[[str], None]] = None, champion_only: bool = False
+        ) -> dict[str, Any]:
     """The register stage (see the module docstring). Returns ``{"model_name", "version",
-    "run_id", "unchanged", "tags"}``."""
+    "run_id", "unchanged", "tags"}`` (``equals`` too when unchanged). ``champion_only``: only
+    the champion counts as an equal version (a rollback's refit)."""
     import mlflow
     import pandas as pd
 
@@ -134,12 +229,12 @@ def run(params: Params, lineage: Optional[dict[str, Any]] = None,
     evaluation = read_json(paths.evaluation, "the evaluate stage's report")
     distill_report = read_json(paths.distill_report, "the distill stage's report")
     tags = identity(params, lineage)
-    same = unchanged_champion(uri, name, tags)
+    same = equal_version(uri, name, tags, champion_only=champion_only)
     if same is not None:
-        log(f"unchanged: data, summary, params and code equal the champion's (v{same}); "
+        log(f"unchanged: data, summary, params and code equal {name} {_describe(same)}; "
             "nothing registered")
-        return {"model_name": name, "version": same, "run_id": None, "unchanged": True,
-                "tags": tags}
+        return {"model_name": name, "version": str(same.version), "run_id": None,
+                "unchanged": True, "equals": _describe(same), "tags": tags}
 
     metric = params.selection.metric
     cand = evaluation["candidate"]
@@ -210,5 +305,10 @@ def register_task(params: Params, lineage: dict[str, Any]) -> dict[str, Any]:
     return run(params, lineage)
 
 
+@task(name="unchanged-check", **task_options())
+def unchanged_task(params: Params, lineage: dict[str, Any]) -> Optional[dict[str, Any]]:
+    return unchanged_before_ingest(params, lineage)
+
+
 __all__ = ["run", "register_task", "identity", "model_params_hash", "unchanged_champion",
-           "LINEAGE_TAGS"]
+           "equal_version", "unchanged_before_ingest", "unchanged_task", "LINEAGE_TAGS"]

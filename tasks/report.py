@@ -54,7 +54,8 @@ def report_markdown(result: dict[str, Any]) -> str:
         for g in verdict["gates"]:
             lines.append(f"| {g['name']} | {'pass' if g['passed'] else 'FAIL'} | {g['reason']} |")
     elif result.get("unchanged"):
-        lines += ["", "Data, summary, params and code equal the champion's: nothing registered."]
+        lines += ["", f"Data, summary, params and code equal {result.get('equals') or 'v' + str(result['version'])}"
+                      ": nothing registered."]
     lines += ["", f"Champion: {'v' + result['champion'] if result.get('champion') else 'none'}"]
     return "\n".join(lines) + "\n"
 

@@ -165,6 +165,7 @@ def versions_table(params: Params) -> list[dict[str, Any]]:
     for v in list_versions(root):
         row = v.to_json()
         row["input"] = (v.info or {}).get("input")
+        row["catalogue"] = (v.info or {}).get("catalogue")
         row["model_versions"] = by_data.get(v.id, [])
         row["champion"] = any(m["champion"] for m in row["model_versions"])
         rows.append(row)
@@ -192,7 +193,7 @@ def lineage(params: Params, model_uri: str) -> dict[str, Any]:
         "aliases": list(mv.aliases or []),
         "input": {"source": tags.get("input_source"), "sha256": tags.get("input_sha256")},
         "data_version": tags.get("data_version"), "data_hash": tags.get("data_hash"),
-        "summary_hash": tags.get("summary_hash"), "params_hash": tags.get("params_hash"),
+        "catalogue": tags.get("catalogue"), "summary_hash": tags.get("summary_hash"), "params_hash": tags.get("params_hash"),
         "git_commit": tags.get("git_commit"), "prefect_flow_run_id": tags.get("prefect_flow_run_id"),
         "mlflow_run_id": mv.run_id,
         "gate": {"passed": tags.get("gate.passed"), "metric": tags.get("gate.metric"),
@@ -269,6 +270,7 @@ def _refit(params: Params, version: DataVersion, staged_params: Params,
     from tasks import fit, promote, register
     from tasks.data import load_dataset
     from tasks.evaluate import summarise
+    from tasks.gates import evaluated_users
     from tasks.io import read_json
 
     metric = staged_params.selection.metric
@@ -281,7 +283,7 @@ def _refit(params: Params, version: DataVersion, staged_params: Params,
     write_json(paths.evaluation, evaluation)
     dataset = load_dataset(paths.processed)
     champion = promote.champion_comparison(params, None, dataset, dataset.data_version)
-    verdict = promote.decide(params, evaluation, champion)
+    verdict = promote.decide(params, evaluation, champion, evaluated_users(dataset))
     log(f"refitted on {version.id}: test {metric} {fitted['test'][metric]:.2f}; gates "
         f"{'PASS' if verdict.passed else 'FAIL'}")
     if not verdict.passed and not force:
@@ -296,7 +298,8 @@ def _refit(params: Params, version: DataVersion, staged_params: Params,
                                             "tracking": params.tracking})
     registered = register.run(live, {"version": {"version": version.id,
                                                  "hashes": version.hashes()},
-                                     "input": (version.info or {}).get("input")}, log=log)
+                                     "input": (version.info or {}).get("input")}, log=log,
+                               champion_only=True)
     if registered["unchanged"]:
         return registered["version"], verdict, forced_by
     registry.set_version_tags(params.tracking_uri(), params.registry.model_name,

@@ -13,7 +13,9 @@ Request: one row per user with ``history`` — the user's known raw item ids —
     {"inputs": {"history": [[10, 20, 30]], "k": [5]}}
 
 Response per row: ``items`` (top-k raw item ids, best first, seen items excluded), ``scores`` and
-``unknown`` (history ids the model does not know; ignored). Requests are validated and bounded
+``unknown`` (history ids the model does not know; ignored — but a history made only of unknown
+ids, another catalogue's, is refused: no recommendation is better than another catalogue's
+items). Requests are validated and bounded
 (``serving.*`` of params.yaml, stored with the model): ``1 ≤ k ≤ max_k``, a non-empty history of
 integer ids (64-bit) of at most ``max_history`` ids, at most ``max_batch`` rows; anything else is
 refused with a 400 and a short message that never echoes the input back.
@@ -157,7 +159,13 @@ class InfAEPyfunc(PythonModel):
         return mat, unknown
 
     def recommend(self, histories: list[list[int]], ks: list[int]) -> list[dict[str, Any]]:
+        """Top-k per history; a :class:`RequestError` when a history has no id the model knows."""
         mat, unknown = self.encode(histories)
+        for r in range(len(histories)):
+            if mat.indptr[r + 1] == mat.indptr[r]:
+                raise RequestError(f"row {r}: none of its {len(histories[r])} item id(s) is "
+                                   f"known to this model (its catalogue has {len(self.item_ids)} "
+                                   "items: another catalogue's ids?)")
         k_max = max(1, min(max(ks), len(self.item_ids)))
         top, scores = self.model.recommend(mat, k_max)
         out = []
@@ -174,9 +182,10 @@ class InfAEPyfunc(PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         try:
             histories, ks = parse_rows(model_input, self.limits)
+            rows = self.recommend(histories, ks)
         except RequestError as exc:
             raise MlflowException.invalid_parameter_value(str(exc)) from None
-        return pd.DataFrame(self.recommend(histories, ks), columns=["items", "scores", "unknown"])
+        return pd.DataFrame(rows, columns=["items", "scores", "unknown"])
 
 
 set_model(InfAEPyfunc())

@@ -4,8 +4,9 @@
 stages (``ingest``, ``distill``, ``fit``, ``evaluate``: their outputs go to the DVC cache and their
 hashes to ``dvc.lock``), writes into ``dvc.lock`` the parameter values the run actually used
 (DVC reads the workspace's ``params.yaml``; a run with ``--params other.yaml`` differs), pushes
-to the DVC remote, and records a data version unless one with the same data (input snapshot,
-processed data, summary) exists. ``check(params)`` is called before any stage runs: versioning
+to the DVC remote, and records a data version unless one with the same data exists: the same
+DVC hashes, or the same content — the input's bytes (SHA-256), the processed tables and the
+summary — whatever the input file was called (a data version is its content, not a file name). ``check(params)`` is called before any stage runs: versioning
 needs a git + DVC workspace whose ``params.yaml`` names the same state and reports folders.
 
 Entry points: :func:`version_task` (the pipeline) and ``infrec version --params params.yaml``.
@@ -20,8 +21,8 @@ from typing import Any, Callable, Optional
 
 from prefect import task
 
-from tasks.dvc import (DATA_OUTS, DVC_STAGES, commit_stages, ensure_dvc, git_root, push,
-                       record_version, set_lock_params)
+from tasks.dvc import (DATA_OUTS, DVC_STAGES, DataVersion, commit_stages, ensure_dvc, git_root,
+                       list_versions, push, record_version, set_lock_params)
 from tasks.errors import InputError
 from tasks.io import write_text
 from tasks.params import Params, load_params
@@ -101,15 +102,62 @@ def run(params: Params, lineage: Optional[dict[str, Any]] = None,
     if reports.is_dir():
         for f in sorted(p for p in reports.rglob("*") if p.is_file()):
             files[f"{reports_rel}/{f.relative_to(reports).as_posix()}"] = f.read_bytes()
-    info = {"input": lineage.get("input"), "params": params.to_dict(),
+    info = {"input": lineage.get("input"), "catalogue": _catalogue(params),
+            "content": content_key(params, lineage), "params": params.to_dict(),
             "params_hash": params.section_hash(), "git_commit": lineage.get("git_commit"),
             "flow_run_id": lineage.get("flow_run_id")}
-    version, created = record_version(root, lock_text, [f"{state_rel}/{p}" for p in DATA_OUTS],
-                                      info, files)
+    same = same_content(root, info["content"])
+    if same is not None:  # the same bytes, perhaps under another file name
+        version, created = same, False
+    else:
+        version, created = record_version(root, lock_text,
+                                          [f"{state_rel}/{p}" for p in DATA_OUTS], info, files)
     note = "new data version" if created else "unchanged data: same data version"
     log(f"{note} {version.id} ({time.perf_counter() - t0:.1f}s): {version.hashes()}")
     return {"version": version.id, "created": created, "commit": version.commit,
             "hashes": version.hashes()}
+
+
+def processed_data_hash(processed: Path) -> str:
+    """The data hash of an ingested folder — as ``tasks.data.Dataset.data_version`` computes it,
+    from its manifest's table hashes (never the input's name or path)."""
+    import hashlib
+    import json
+
+    manifest = json.loads((Path(processed) / "manifest.json").read_text())
+    outputs = json.dumps(manifest.get("outputs", {}), sort_keys=True).encode()
+    return hashlib.sha256(outputs).hexdigest()[:12]
+
+
+def content_key(params: Params, lineage: dict[str, Any]) -> dict[str, Any]:
+    """What a data version *is*: the input's SHA-256, the processed data's hash, the summary's."""
+    from tasks.io import content_hash
+
+    paths = params.paths()
+    return {"input_sha256": (lineage.get("input") or {}).get("sha256"),
+            "data_hash": processed_data_hash(paths.processed),
+            "summary_hash": content_hash(paths.summary)}
+
+
+def same_content(root: Path, key: dict[str, Any]) -> Optional[DataVersion]:
+    """The newest data version recorded with the content ``key`` (None when none, or when the
+    key is incomplete)."""
+    if not all(key.values()):
+        return None
+    for v in reversed(list_versions(root, warn=False)):
+        if (v.info or {}).get("content") == key:
+            return v
+    return None
+
+
+def _catalogue(params: Params) -> str:
+    """The fingerprint of the processed data's items (:func:`tasks.gates.catalogue_fingerprint`)."""
+    import polars as pl
+
+    from tasks.gates import catalogue_fingerprint
+
+    items = pl.read_parquet(params.paths().processed / "item_map.parquet", columns=["raw_id"])
+    return catalogue_fingerprint(items.get_column("raw_id").to_numpy())
 
 
 @task(name="version", **task_options())

@@ -188,15 +188,18 @@ class Workspace:
                 for p in sorted(base.rglob("*")) if p.is_file()}
 
 
-def make_workspace(root: Path, api_url: Optional[str] = None, **sections: dict[str, Any]
-                   ) -> Workspace:
+def make_workspace(root: Path, api_url: Optional[str] = None, committed_lock: bool = False,
+                   **sections: dict[str, Any]) -> Workspace:
     """A fresh project: infrec's dvc.yaml, plot template and stage code, a params.yaml
-    (SMALL + ``sections``), ``git init`` + ``dvc init`` + a real local remote, one commit."""
+    (SMALL + ``sections``), ``git init`` + ``dvc init`` + a real local remote, one commit.
+    ``committed_lock``: the project's committed dvc.lock too, as a clone has it."""
     ws_root = root / "ws"
     ws_root.mkdir(parents=True)
     for name in ("models", "tasks"):
         shutil.copytree(REPO / name, ws_root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", ws_root / "dvc.yaml")
+    if committed_lock:
+        shutil.copy(REPO / "dvc.lock", ws_root / "dvc.lock")
     shutil.copy(REPO / ".gitignore", ws_root / ".gitignore")
     ws = Workspace(ws_root, root / "dvc-remote", api_url)
     ws.write_params(**sections)

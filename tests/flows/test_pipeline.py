@@ -113,6 +113,52 @@ def test_prefect_report_artifact(two_runs):
     assert "| fidelity | FAIL |" in latest and "| candidate (summary) | test |" in latest
 
 
+def test_a_rejected_run_is_named_rejected_in_prefect(two_runs):
+    """The Prefect UI shows the verdict: state `Rejected` (type COMPLETED: the run worked) with
+    the failing gates in its message; a promoting run stays `Completed`."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    first, second = two_runs
+    with get_client(sync_client=True) as client:
+        rejected = client.read_flow_run(UUID(second["flow_run_id"])).state
+        promoted = client.read_flow_run(UUID(first["flow_run_id"])).state
+    assert rejected.name == "Rejected" and rejected.is_completed()
+    assert rejected.message == f"rejected: {MODEL_NAME} v2; failing gates: fidelity"
+    assert promoted.name == "Completed" and promoted.is_completed()
+
+
+def test_a_champion_of_another_catalogue_is_not_compared(two_runs, flow_env, tmp_path):
+    """Gate (b) on data whose items the champion does not know (the same log, every item id
+    moved): the real champion model is loaded, found to know 0% of the items, and skipped with
+    that reason; on its own catalogue it is compared as before. Versions record the catalogue."""
+    import polars as pl
+
+    from tasks import promote
+    from tasks.data import load_dataset
+    from tasks.gates import catalogue_fingerprint, evaluated_users
+    from tasks.ingest import ingest
+
+    other_log = tmp_path / "other-items.csv"
+    pl.read_csv(flow_env.input_csv).with_columns(pl.col("item_id") + 1_000_000).write_csv(
+        other_log)
+    ingest(other_log, tmp_path / "processed")
+    other = load_dataset(tmp_path / "processed")
+    params = flow_env.params()
+    champion = promote.champion_comparison(params, None, other, other.data_version)
+    assert champion["test"] is None and "knows 0% of this data's" in champion["other_catalogue"]
+    verdict = promote.decide(params, two_runs[1]["evaluation"], champion, evaluated_users(other))
+    gate = {g.name: g for g in verdict.gates}["champion"]
+    assert gate.passed and gate.reason.startswith(f"skipped: champion v{champion['version']} "
+                                                  "is of another catalogue")
+    own = load_dataset(params.paths().processed)
+    assert promote.champion_comparison(params, None, own, own.data_version)["test"]["ndcg@10"] > 0
+    tags = _client(flow_env).get_model_version(MODEL_NAME, champion["version"]).tags
+    assert tags["catalogue"] == catalogue_fingerprint(own.item_ids)
+    assert tags["catalogue"] != catalogue_fingerprint(other.item_ids)
+
+
 def test_status_json(two_runs, flow_env, restore_environ):
     res = _cli(["status", "--json"])
     assert res.exit_code == 0, res.output
@@ -125,6 +171,7 @@ def test_status_json(two_runs, flow_env, restore_environ):
     last = info["last_run"]
     assert last["version"] == "2" and last["promoted"] is False
     assert any(r.startswith("FAIL fidelity") for r in last["reasons"])
+    assert "≥" in res.stdout and "\\u2265" not in res.stdout  # plain UTF-8, not escapes
 
 
 def test_bad_input_is_one_line_error(two_runs, flow_env, restore_environ, tmp_path):
@@ -159,3 +206,32 @@ def test_promote_rechecks_gates_and_force_records_who_and_why(two_runs, flow_env
     res = _cli(["promote", "1", "--params", str(lenient)])
     assert res.exit_code == 0, res.output
     assert _aliases(flow_env) == {"champion": "1", "previous": "2"}
+
+
+def test_a_four_user_log_on_a_fresh_project_is_never_promoted(flow_env, tmp_path):
+    """A log of 4 users, a fresh state and registry (no champion), the lenient test gates: the
+    evidence gate (4 < gates.min_eval_users test users) refuses it; nothing is champion."""
+    import mlflow
+
+    from flows.pipeline import run_pipeline
+    from tasks.params import parse_params
+
+    log = tmp_path / "four.csv"
+    log.write_text("user_id,item_id\n" + "".join(
+        f"{u},{i}\n" for u in range(1, 5) for i in range(10 * u, 10 * u + 6)))
+    raw = {k: dict(v) for k, v in flow_env.params().to_dict().items() if isinstance(v, dict)}
+    raw["ingest"]["input"] = str(log)
+    raw["distill"].update(sampler="random", steps=0)  # the cheapest summary: the gates matter
+    raw["registry"] = {"model_name": "tiny-infae", "experiment": "tiny"}
+    raw.update(state_dir=str(tmp_path / "state"), reports_dir=str(tmp_path / "reports"))
+    result = run_pipeline(parse_params(raw, "tiny params"))
+    assert result["promoted"] is False and result["champion"] is None
+    gates = {g["name"]: g for g in result["verdict"]["gates"]}
+    assert not gates["evidence"]["passed"]
+    assert "evaluated on 4 test users (need ≥ 50)" in gates["evidence"]["reason"]
+    assert "inf" not in " ".join(result["verdict"]["reasons"])
+    cl = mlflow.MlflowClient(tracking_uri=flow_env.tracking_uri,
+                             registry_uri=flow_env.tracking_uri)
+    with pytest.raises(mlflow.exceptions.MlflowException):  # no champion alias at all
+        cl.get_model_version_by_alias("tiny-infae", "champion")
+    assert cl.get_model_version("tiny-infae", result["version"]).tags["eval_users"] == "4"

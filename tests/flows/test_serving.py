@@ -88,6 +88,9 @@ def test_recommend_table_and_user_forms(two_runs, flow_env, restore_environ):
     assert bad.exit_code == 2 and bad.stderr.startswith("error: --user 123456789: not a user")
     both = runner.invoke(app, ["recommend", "--user", "1", "--history", "1"])
     assert both.exit_code == 2 and "exactly one" in both.stderr
+    other = runner.invoke(app, ["recommend", "--history", "1,2"])  # no item it knows
+    assert other.exit_code == 2 and other.stderr.startswith(
+        "error: --history: none of its 2 item id(s) is known to this model"), other.output
 
 
 # over REST, as a client sends them (serving limits: max_k 1000, max_history 10000)
@@ -99,11 +102,12 @@ BAD_REQUESTS = {
     "text-ids": {"inputs": [{"history": ["a", "b"], "k": 5}]},
     "1m-id-history": {"dataframe_records": [{"history": list(range(1_000_000)), "k": 5}]},
     "no-history-field": {"dataframe_records": [{"items": [1, 2]}]},
+    "other-catalogue": {"dataframe_records": [{"history": [1, 2], "k": 5}]},  # ids it never saw
 }
 BAD_REQUESTS_SAY = {"k-0": "k must be between 1 and", "k-negative": "k must be between 1 and",
                     "k-huge": "k must be between 1 and", "empty-history": "empty history",
                     "text-ids": "", "1m-id-history": "at most 10000",
-                    "no-history-field": "history"}
+                    "no-history-field": "history", "other-catalogue": "known to this model"}
 
 
 def _refusal(url: str, payload: dict) -> tuple[int, str]:

@@ -66,8 +66,8 @@ class Story:
         if spelling == "ingest.input":
             self.ws = make_workspace(root, api_url, ingest={"input": str(self.log)})
             self.run_args = ("run",)
-        else:
-            self.ws = make_workspace(root, api_url)
+        else:  # a clone of the project: its committed dvc.lock included
+            self.ws = make_workspace(root, api_url, committed_lock=True)
             self.run_args = ("run", "--input", str(self.log))
         self.day1 = self.ws.infrec(*self.run_args)
         self.v1, self.v1_log = _snapshot(self.ws), self.log.read_bytes()
@@ -91,17 +91,27 @@ def test_each_changed_log_is_a_new_version_and_unchanged_content_makes_none(stor
     assert "data v1" in story.day1.stdout and "PROMOTED" in story.day1.stdout
     assert "data v2" in story.day2.stdout and story.v2 != story.v1
     assert ws.tree(f"{DATA}/input") == {f"{DATA}/input/ratings.csv": story.log.read_bytes()}
+    t0 = time.monotonic()
     same = ws.infrec(*story.run_args)
+    took = time.monotonic() - t0
     assert "data v2" in same.stdout or "unchanged" in same.stdout  # no new data version
     if registry.git_commit().endswith("+dirty"):  # uncommitted code: a candidate of its own
         assert "registered: infrec-infae version 3" in same.stdout
-    else:  # same data, summary, params and clean code as the champion: nothing registered
+    else:  # same input, data, summary, params and clean code as v2: decided before any stage
         assert "unchanged" in same.stdout and "nothing registered" in same.stdout
+        assert "equal infrec-infae version 2" in same.stdout, same.stdout
+        seconds = next(ln for ln in same.stdout.splitlines() if ln.startswith("seconds:"))
+        assert "unchanged-check" in seconds and "distill" not in seconds, seconds
+        print(f"unchanged run: {took:.1f} s ({seconds})")
+        assert took < 30, took
     versions = _versions(ws, cli=True)
     assert [v["version"] for v in versions] == ["v1", "v2"]
     assert [m["version"] for m in versions[0]["model_versions"]] == ["1"]
     assert versions[1]["champion"] and versions[1]["input"]["name"] == "ratings.csv"
     assert versions[0]["input"]["sha256"] != versions[1]["input"]["sha256"]
+    # the log grew over the same items: the same catalogue (a fingerprint of the item ids)
+    assert len(versions[0]["catalogue"]) == 12 and versions[1]["catalogue"] == versions[0]["catalogue"]
+    assert ws.version_tags("1")["catalogue"] == versions[0]["catalogue"]
     assert "up to date" in ws.dvc("status").lower()
 
 
@@ -141,7 +151,10 @@ def test_rollback_restores_v1_exactly_with_its_gate_passed_model(story):
     assert ws.aliases()["champion"] == "1"
     assert "up to date" in ws.dvc("status").lower()
     assert not list(ws.root.glob(".infrec-restore-*"))
-    lineage = json.loads(ws.infrec("lineage").stdout)
+    table = ws.infrec("lineage").stdout  # a plain UTF-8 table by default …
+    assert "data version" in table and "v1" in table and "\\u" not in table
+    assert "PASS evidence" in table and "≥" in table and not table.lstrip().startswith("{")
+    lineage = json.loads(ws.infrec("lineage", "--json").stdout)  # … JSON on request
     assert lineage["version"] == "1" and lineage["data_version"] == "v1"
     assert lineage["input"]["sha256"] == _versions(ws)[0]["input"]["sha256"]
     for key in ("summary_hash", "params_hash", "git_commit", "prefect_flow_run_id",
@@ -151,11 +164,42 @@ def test_rollback_restores_v1_exactly_with_its_gate_passed_model(story):
 
 
 def test_the_same_through_input(spelt):
+    """Two `--input` runs over a changed log in a workspace that started from the committed
+    dvc.lock: rollback restores v1 (a stale lock stage would make it look for objects that no
+    cache or remote holds)."""
     ws = spelt.ws
     ws.infrec("rollback", "v1")
     assert _snapshot(ws) == spelt.v1
     assert ws.aliases()["champion"] == "1"
     assert "up to date" in ws.dvc("status").lower()
+
+
+@pytest.mark.parametrize("name, text, says", [
+    ("quote.csv", 'userId,movieId\n1,2\n3,"4\n5,6\n', "line 3: unclosed quote"),
+    ("badid.csv", "userId,movieId\n1,2\n1,x\n", "line 3: column 'movieId': 'x' is not an"),
+    ("header.csv", "usr,itm\n1,2\n", "expected column 'user_id' not found"),
+    ("missing.csv", None, "input file not found"),
+])
+def test_a_bad_input_file_is_refused_first_and_changes_nothing(spelt, tmp_path, name, text, says):
+    """`infrec run --input BAD` in a versioned workspace: the whole file is checked before
+    params.yaml is touched or a server starts — one line naming the file (and line), within 3 s,
+    and git status, params.yaml, the registry and the data versions are as they were."""
+    ws = spelt.ws
+    bad = tmp_path / name
+    if text is not None:
+        bad.write_text(text)
+    before = (ws.git("status", "--porcelain"), (ws.root / "params.yaml").read_bytes(),
+              ws.aliases(), len(ws.client().search_model_versions(f"name='{MODEL}'")),
+              ws.git("tag", "--list", "data/*"))
+    t0 = time.monotonic()
+    res = ws.infrec("run", "--input", str(bad), check=False)
+    took = time.monotonic() - t0
+    assert res.returncode == 2 and res.stderr.strip() == res.stderr.strip().splitlines()[0]
+    assert res.stderr.startswith(f"error: {bad}: ") and says in res.stderr, res.stderr
+    assert took <= 3.0, took
+    assert (ws.git("status", "--porcelain"), (ws.root / "params.yaml").read_bytes(),
+            ws.aliases(), len(ws.client().search_model_versions(f"name='{MODEL}'")),
+            ws.git("tag", "--list", "data/*")) == before
 
 
 def test_recommend_user_takes_history_from_the_champions_data(story):
@@ -265,3 +309,23 @@ def test_small_log_caps_the_budget_and_runs_end_to_end(refusals, tmp_path):
     assert "budget: 500" in (ws.root / "dvc.lock").read_text()
     status = ws.dvc("status")
     assert "params.yaml" in status and "modified:           distill" in status
+
+
+def test_the_same_bytes_at_another_path_make_no_version_and_register_nothing(refusals, tmp_path):
+    """v1's log (rejected by params.yaml's strict gates) copied under another name: the run
+    finds v1's content — no new data version — and a model equal to one already judged on it —
+    nothing registered, the verdict not asked again; the champion does not move."""
+    ws, _ = refusals
+    copy = write_log(tmp_path / "elsewhere" / "day-one.csv", users=300)  # v1's bytes
+    client = ws.client()
+    before = (ws.git("tag", "--list", "data/*"),
+              len(client.search_model_versions(f"name='{MODEL}'")), ws.aliases())
+    res = ws.infrec("run", "--input", str(copy))
+    assert "data v1" in res.stdout, res.stdout[-2000:]
+    assert ws.git("tag", "--list", "data/*") == before[0]
+    assert "up to date" in ws.dvc("status").lower()  # dvc.lock names the file this run read
+    if registry.git_commit().endswith("+dirty"):  # uncommitted code: a candidate of its own
+        return
+    assert "unchanged" in res.stdout and "nothing registered" in res.stdout, res.stdout[-2000:]
+    assert "rejected" in res.stdout  # it says which version it equals, and that one's verdict
+    assert (len(client.search_model_versions(f"name='{MODEL}'")), ws.aliases()) == before[1:]

@@ -115,3 +115,30 @@ def test_params_are_exactly_the_keys_each_stage_reads(tmp_path):
         seen: set[str] = set()
         module.run(Recorder(params, "", seen), log=quiet)
         assert seen == _listed_keys(stage), stage
+
+
+def test_committed_lock_describes_exactly_the_committed_dvc_yaml():
+    """dvc.lock as committed: the stages of dvc.yaml and nothing else (a stale stage's outputs
+    are copied into every data version, and a rollback then looks for objects nobody has), each
+    with dvc.yaml's command, deps, params and outputs (paths as params.yaml resolves them)."""
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    stages = _dvc_stages()
+    shipped = yaml.safe_load((REPO / "params.yaml").read_text())
+
+    def resolve(path: str) -> str:
+        for key in ("state_dir", "reports_dir"):
+            path = path.replace("${%s}" % key, shipped[key])
+        return path
+
+    def names(entries: list) -> set[str]:
+        return {resolve(next(iter(e)) if isinstance(e, dict) else e) for e in entries}
+
+    assert set(lock) == set(stages), f"dvc.lock stages without a dvc.yaml stage: " \
+                                     f"{sorted(set(lock) - set(stages))}"
+    for name, stage in stages.items():
+        locked = lock[name]
+        assert locked["cmd"] == stage["cmd"], name
+        assert {d["path"] for d in locked.get("deps", [])} == names(stage.get("deps", [])), name
+        assert set(locked.get("params", {}).get("params.yaml", {})) == set(stage["params"]), name
+        outs = [*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]
+        assert {o["path"] for o in locked.get("outs", [])} == names(outs), name

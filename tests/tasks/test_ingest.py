@@ -15,7 +15,7 @@ import pytest
 
 import tasks.ingest as ingest_module
 from tasks.errors import InputError
-from tasks.ingest import ingest, random_split
+from tasks.ingest import ingest, random_split, validate
 
 # Four users: 10 (4 items), 20 (3 items), 30 (5 items), 40 (2 items -> dropped by the <3 filter).
 ROWS = [
@@ -489,6 +489,7 @@ BAD_CASES = {
                                                                        "' 2'"]),
     "quoted-padded-id": ("p.csv", 'user_id,item_id\n" 1",2\n', ["line 2", "'user_id'", "' 1'"]),
     "empty-id": ("e.csv", "user_id,item_id\n1,2\n,3\n", ["line 3", "'user_id'", "missing"]),
+    "unclosed-quote": ("q.csv", 'user_id,item_id\n1,2\n3,"4\n5,6\n', ["line 3", "unclosed quote"]),
 }
 
 
@@ -506,6 +507,11 @@ def test_bad_input(tmp_path, case):
     for fragment in fragments:
         assert fragment in message, (fragment, message)
     assert_nothing_left(parent, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+    # the check `infrec run` makes first: the same message, nothing written
+    with pytest.raises(InputError) as checked:
+        validate(src)
+    assert str(checked.value) == message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 

@@ -82,12 +82,19 @@ def test_input_forms(wrapped):
         ({"history": ["1,2"]}, "must be a list"),
         ({"history": [[1]], "k": [1, 2]}, "'k' has 2 values"),
         ({"items": [[1]]}, "'history' field"),
+        ({"history": [[4], [1, 2]]}, "row 1: none of its 2 item id.s. is known to this model"),
     ],
 )
 def test_bad_requests_are_refused_without_echoing_the_input(wrapped, request_, message):
-    py, _, _ = wrapped
-    with pytest.raises(RequestError, match=message) as err:
-        parse_rows(request_, LIMITS)
+    py, _, ds = wrapped
+    if "known to this model" in message:  # a valid request of ids of another catalogue
+        request_ = {"history": [[int(ds.item_ids[0])], [1, 2]]}
+        assert not {1, 2} & set(ds.item_ids.tolist())
+        with pytest.raises(RequestError, match=message) as err:
+            py.recommend(*parse_rows(request_, LIMITS))
+    else:
+        with pytest.raises(RequestError, match=message) as err:
+            parse_rows(request_, LIMITS)
     assert len(str(err.value)) < 200
     with pytest.raises(MlflowException) as served:  # what the REST server turns into a 400
         py.predict(None, request_)

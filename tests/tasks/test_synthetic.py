@@ -176,3 +176,25 @@ def test_write_taste_popularity_is_deterministic_and_atomic(tmp_path):
         write_taste_popularity(tmp_path / "x.csv", n_items=10)
     m = ingest(a, tmp_path / "out", seed=0)
     assert m["counts"]["users"] == 900 and m["counts"]["dropped_users"] == 0
+
+
+def test_the_readmes_recommend_lines_name_ids_of_the_embedded_default(default_df):
+    """`infrec recommend --user N` / `--history A,B,C` in the README, verbatim after `make run`:
+    the user and the items exist in the embedded default (users 1000–3999, items 7j + 3), every
+    user of which keeps its history (at least min_user_interactions interactions)."""
+    import re
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    shipped = yaml.safe_load((root / "params.yaml").read_text())
+    assert (shipped["generate"]["users"], shipped["generate"]["items"]) == (3000, 1000)
+    users = [int(u) for u in re.findall(r"infrec recommend --user (\d+)", readme)]
+    items = [int(i) for h in re.findall(r"infrec recommend --history ([\d,]+)", readme)
+             for i in h.split(",")]
+    assert users and items
+    per_user = dict(default_df.group_by("user_id").len().iter_rows())
+    for u in users:
+        assert per_user.get(u, 0) >= shipped["ingest"]["min_user_interactions"], u
+    assert set(items) <= set(default_df["item_id"].to_list()), items
