@@ -196,6 +196,7 @@ def run(params: Params, log: Optional[Callable[[str], None]] = None) -> dict[str
     base["ease"].pop("lambda_path", None)
     evaluation = {"candidate": candidate, **base, "reference": ref,
                   "random_users": distill_report.get("random_users"),
+                  "coverage": distill_report.get("coverage"),
                   "sample": candidate.get("sample")}
     evaluation = {"summary": summarise(evaluation, metric), **evaluation}
     write_json(paths.evaluation, evaluation)

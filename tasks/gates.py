@@ -15,7 +15,9 @@ that also chose every λ and the summary's best step:
     ``min_catalogue_overlap`` of the data's items);
 (c) **fidelity** — on test, the candidate (fitted on a summary) reaches ``fidelity_fraction`` ×
     ∞-AE fitted on all users of the same data (or on the largest user sample that fits: the
-    reference's description is part of the reason).
+    reference's description is part of the reason), and its summary touches items carrying at
+    least ``min_summary_coverage`` of the train interactions (a summary blind to most of the
+    catalogue is rejected for that, whatever the ratio on a user sample says).
 
 Every gate is evaluated (no short-circuit) so a verdict lists every reason. A missing or
 non-finite number fails its gate, and so does a ratio gate whose reference is zero (a candidate
@@ -43,6 +45,7 @@ class GateThresholds:
     champion_epsilon: float = _DEFAULT_GATES.champion_epsilon
     fidelity_fraction: float = _DEFAULT_GATES.fidelity_fraction
     min_eval_users: int = _DEFAULT_GATES.min_eval_users
+    min_summary_coverage: float = _DEFAULT_GATES.min_summary_coverage
 
     @classmethod
     def from_params(cls, params: Any) -> "GateThresholds":
@@ -50,7 +53,8 @@ class GateThresholds:
         g = params.gates
         return cls(metric=params.selection.metric, pop_margin=g.pop_margin,
                    ease_fraction=g.ease_fraction, champion_epsilon=g.champion_epsilon,
-                   fidelity_fraction=g.fidelity_fraction, min_eval_users=g.min_eval_users)
+                   fidelity_fraction=g.fidelity_fraction, min_eval_users=g.min_eval_users,
+                   min_summary_coverage=g.min_summary_coverage)
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,9 @@ class GateInputs:
     champion_other_catalogue: Optional[str] = None
     # test users the candidate was evaluated on (users with a test interaction); None: unknown
     eval_users: Optional[int] = None
+    # share of train interactions on the items the candidate's summary touches; None: unknown
+    # (a report from before it was recorded: not judged)
+    summary_coverage: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,10 @@ def gate_inputs(evaluation: dict[str, Any], metric: str,
         champion_note="" if champion is None else champion.get("note", ""),
         champion_unusable=None if champion is None else champion.get("unusable"),
         champion_other_catalogue=None if champion is None else champion.get("other_catalogue"),
-        eval_users=_users(evaluation.get("n_users", eval_users)),
+        eval_users=_users(evaluation.get("n_users",
+                                         (evaluation.get("sample") or {}).get("test_users",
+                                                                              eval_users))),
+        summary_coverage=(evaluation.get("coverage") or {}).get("interactions"),
     )
 
 
@@ -250,6 +260,12 @@ def fidelity_gate(inp: GateInputs, t: GateThresholds) -> GateResult:
         f"test {m} {inp.candidate_test:.2f} = {ratio:.3f}× {inp.reference} "
         f"({inp.reference_test:.2f}; need ≥ {t.fidelity_fraction:g}×)"
     )
+    cov = inp.summary_coverage
+    if cov is not None and cov < t.min_summary_coverage:
+        passed = False
+        reason += (f"; the summary touches items with only {100 * cov:.1f}% of the train "
+                   f"interactions (need ≥ {100 * t.min_summary_coverage:g}%): too little of the "
+                   "catalogue")
     return GateResult("fidelity", passed, reason, value=ratio, threshold=t.fidelity_fraction)
 
 

@@ -163,6 +163,9 @@ class GatesParams(_Section):
     # (b) the champion is compared only when it knows at least this share of the data's items
     # (the same catalogue); a champion of another catalogue is skipped, with the reason
     min_catalogue_overlap: float = Field(0.5, ge=0, le=1)
+    # (c) the candidate's summary must touch items carrying at least this share of the train
+    # interactions (reports/distill.json's coverage); below it, rejected for that reason
+    min_summary_coverage: float = Field(0.5, ge=0, le=1)
 
 
 class RegistryParams(_Section):

@@ -45,6 +45,7 @@ def test_ml1m_like_numbers_pass_the_default_ease_fraction():
         ({"reference_test": 35.0}, "fidelity"),  # 32.9 / 35 = 0.94 < 0.95
         ({"eval_users": 49}, "evidence"),  # fewer test users than min_eval_users
         ({"eval_users": None}, "evidence"),  # unknown: no evidence either
+        ({"summary_coverage": 0.3}, "fidelity"),  # the summary misses 70% of the interactions
     ],
 )
 def test_each_gate_fails_alone(change, failing):
@@ -204,3 +205,19 @@ def test_catalogue_fingerprint_and_overlap():
     assert catalogue_fingerprint([3, 10, 17]) != catalogue_fingerprint([3, 10, 24])
     assert catalogue_overlap([3, 10, 17], [3, 10, 24, 31]) == 0.5
     assert catalogue_overlap([3, 10], [1_000_003]) == 0.0 and catalogue_overlap([1], []) == 0.0
+
+
+def test_a_summary_blind_to_most_of_the_catalogue_is_rejected_for_that():
+    """The fidelity ratio may look fine on a user sample; too little coverage still fails, with
+    the coverage in the reason (read from evaluation.json's coverage and sample)."""
+    evaluation = {"candidate": {"val": {"ndcg@10": 23.5}, "test": {"ndcg@10": 32.9}},
+                  "poprec": {"val": {"ndcg@10": 10.0}}, "ease": {"val": {"ndcg@10": 24.0}},
+                  "reference": {"test": {"ndcg@10": 33.4}, "description": "∞-AE on all users"},
+                  "coverage": {"items": 0.1, "interactions": 0.42},
+                  "sample": {"test_users": 20000, "test_population": 150000}}
+    inp = gate_inputs(evaluation, "ndcg@10")
+    assert inp.summary_coverage == 0.42 and inp.eval_users == 20000
+    g = by_name(decide_gates(inp, T))["fidelity"]
+    assert not g.passed and "only 42.0% of the train interactions (need ≥ 50%)" in g.reason
+    ok = gate_inputs({**evaluation, "coverage": {"items": 0.6, "interactions": 0.9}}, "ndcg@10")
+    assert decide_gates(ok, T).passed
