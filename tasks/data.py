@@ -101,7 +101,10 @@ class Dataset:
 
 
 def load_dataset(path: str | Path) -> Dataset:
-    """Read an ingested directory; a missing or malformed one raises :class:`InputError`."""
+    """Read an ingested directory; a missing or malformed one raises :class:`InputError`.
+
+    Sets this process's BLAS threads for the data's size (:func:`tasks.runtime.blas_threads_for`).
+    """
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"{path}: not a data directory (run `infrec ingest` first)")
@@ -132,6 +135,9 @@ def load_dataset(path: str | Path) -> Dataset:
         mat.data[:] = 1.0
         return mat
 
+    from tasks.runtime import blas_threads_for
+
+    blas_threads_for(n, m)  # every core for large data, one thread for small
     return Dataset(
         path=path,
         train=matrix("train"),

@@ -24,11 +24,9 @@ from tasks.params import Params, redact
 def process_defaults() -> dict[str, str]:
     """Environment defaults (never overriding what is set), applied before NumPy is imported.
 
-    ``OPENBLAS_NUM_THREADS=1``: the pipeline's BLAS calls are small (≤ a few thousand rows) and
-    multi-threaded OpenBLAS spin-waits when the cores are shared — measured on a 2-core machine
-    under load: EASE + the full-data reference 38 s with the default threads, 5 s with one.
+    BLAS threads are not set here: :func:`blas_threads_for` picks them per data set.
     """
-    defaults = {"OPENBLAS_NUM_THREADS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    defaults = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "DVC_NO_ANALYTICS": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
                 "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
@@ -36,6 +34,30 @@ def process_defaults() -> dict[str, str]:
                 # stays in the UI
                 "PREFECT_LOGGING_LEVEL": "INFO"}
     return {k: v for k, v in defaults.items() if k not in os.environ}
+
+
+# data of at least this many cells (users × items) uses every core for BLAS; smaller data one
+# thread: its products are small, and multi-threaded OpenBLAS spin-waits when the cores are
+# shared (measured on a 2-core machine under load: EASE + the full-data reference 38 s with two
+# threads, 5 s with one). ML-1M (6,040 × 3,706) and the embedded default stay below it.
+BLAS_ALL_CORES_MIN_CELLS = 50_000_000
+
+
+def blas_threads_for(n_users: int, n_items: int) -> int:
+    """Set the BLAS threads of this process for data of ``n_users × n_items`` (every core the
+    process may use at or above :data:`BLAS_ALL_CORES_MIN_CELLS`, else one) unless
+    ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS`` is set (the user's or a test's choice wins).
+    Returns the threads now in effect (None-safe: 0 when threadpoolctl is missing)."""
+    if os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS"):
+        return int(os.environ.get("OPENBLAS_NUM_THREADS") or os.environ["OMP_NUM_THREADS"])
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl is in the pinned set
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = max(1, int(cores or 1)) if n_users * n_items >= BLAS_ALL_CORES_MIN_CELLS else 1
+    threadpool_limits(limits=threads, user_api="blas")
+    return threads
 
 
 def runtime_environment(params: Params) -> dict[str, str]:
@@ -224,6 +246,7 @@ def start_child(args: Sequence[str], **kwargs: Any) -> subprocess.Popen:
     return subprocess.Popen(argv, **extra, **kwargs)
 
 
-__all__ = ["fault_point", "process_tags", "flow_run_tag", "HOST", "process_defaults", "runtime_environment",
+__all__ = ["fault_point", "process_tags", "flow_run_tag", "HOST", "process_defaults", "blas_threads_for",
+           "runtime_environment",
            "apply_environment", "say", "quiet", "task_options", "retry_transient", "run_child",
            "start_child"]
