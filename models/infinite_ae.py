@@ -414,12 +414,7 @@ def evaluate_score_batches(batches: Iterable[tuple[int, np.ndarray]], data: Eval
                     acc.merge(pending.popleft().result())
             while pending:
                 acc.merge(pending.popleft().result())
-    result = acc.result()
-    result = result if metrics is None else {key: result[key] for key in metrics if key in result}
-    if stats is not None:
-        ci = acc.intervals()
-        stats.update(users=acc.n_users, ci95={key: ci[key] for key in result if key in ci})
-    return result
+    return finish_evaluation(acc, metrics, stats)
 
 
 @dataclass(frozen=True)
@@ -450,6 +445,33 @@ def evaluation_plan(metrics: Iterable[str] | None, k_max: int = 100) -> Evaluati
     if len(ranking) == 1 and next(iter(ranking)).startswith("hr@"):
         return EvaluationPlan(ks=ks, sort=False, auc=auc)
     return EvaluationPlan(ks=ks, sort=True, auc=auc)
+
+
+def row_slice(data: EvalSet, start: int, stop: int) -> EvalSet:
+    """Users ``start:stop`` of ``data`` as an evaluation set of their own (what one batch of
+    :func:`evaluate_score_batches` reads), e.g. to score that batch on another machine."""
+    return EvalSet(context=data.context[start:stop], targets=data.targets[start:stop],
+                   weights=data.weights,
+                   negatives=None if data.negatives is None else data.negatives[start:stop],
+                   seen=data.seen[start:stop])
+
+
+def batch_accumulator(scores: np.ndarray, data: EvalSet, plan: EvaluationPlan) -> RankingAccumulator:
+    """The metric sums of one batch: ``scores`` (b × m, overwritten) of ``data``'s b users — the
+    exact per-batch work of :func:`evaluate_score_batches` (merge the accumulators in batch order
+    for its result)."""
+    return _batch_metrics(0, scores, data, plan)
+
+
+def finish_evaluation(acc: RankingAccumulator, metrics: Iterable[str] | None = None,
+                      stats: dict[str, Any] | None = None) -> dict[str, float]:
+    """:func:`evaluate_score_batches`'s result from the merged accumulator of every batch."""
+    result = acc.result()
+    result = result if metrics is None else {key: result[key] for key in metrics if key in result}
+    if stats is not None:
+        ci = acc.intervals()
+        stats.update(users=acc.n_users, ci95={key: ci[key] for key in result if key in ci})
+    return result
 
 
 def _batch_metrics(start: int, scores: np.ndarray, data: EvalSet,

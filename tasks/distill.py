@@ -206,13 +206,15 @@ def coverage(support: np.ndarray, train: Any) -> dict[str, float]:
 
 def random_users_fit(dataset: Any, budget: int, seed: int, lambdas: tuple[float, ...],
                      depth: int, select_metric: str, batch_size: int = 2048,
-                     max_users: int | None = None, sample_seed: int = 0) -> dict[str, Any]:
+                     max_users: int | None = None, sample_seed: int = 0,
+                     dask_address: str | None = None) -> dict[str, Any]:
     """∞-AE on ``budget`` random real users (the seed Distill-CF starts from), λ by the same
     metric: the baseline every summary is reported beside. ``{lambda, val, test, test_ci95,
     coverage}``, scored on the evaluation sample (``max_users``, ``sample_seed``)."""
-    from models.infinite_ae import evaluate, fit_select
+    from models.infinite_ae import fit_select
     from models.kernels import NTKConfig
     from models.samplers import random_user_indices, rows_of
+    from tasks.cluster import evaluate_scorer
 
     users = random_user_indices(dataset.train, budget, seed)
     support = rows_of(dataset.train, users)
@@ -221,8 +223,8 @@ def random_users_fit(dataset: Any, budget: int, seed: int, lambdas: tuple[float,
                              batch_size=batch_size)
     val = next(p.val for p in path if p.lam == model.lam)
     stats: dict[str, Any] = {}
-    test = evaluate(model, dataset.test_set(max_users, sample_seed), batch_size=batch_size,
-                    stats=stats)
+    test = evaluate_scorer(model, dataset.test_set(max_users, sample_seed), batch_size=batch_size,
+                           address=dask_address, stats=stats)
     return {"lambda": model.lam, "val": val, "test": test, "test_ci95": stats["ci95"],
             "coverage": coverage(support, dataset.train)}
 
@@ -278,7 +280,8 @@ def run(params: Params, log: Optional[Callable[[str], None]] = None,
     random = random_users_fit(dataset, report["budget"], d.seed, params.fit.summary_lambdas,
                               params.fit.depth, metric, params.fit.batch_size,
                               max_users=params.evaluate.max_users,
-                              sample_seed=params.evaluate.sample_seed)
+                              sample_seed=params.evaluate.sample_seed,
+                              dask_address=params.evaluate.dask_address)
     summary_hash = content_hash(paths.summary)
     distill_report = {
         "sampler": d.sampler, "budget": report["budget"],

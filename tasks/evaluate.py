@@ -27,6 +27,7 @@ from prefect import task
 
 from models.baselines import EASE_LAMBDAS, PopRec, fit_ease_select
 from models.infinite_ae import InfAE, batch_rows, evaluate, evaluate_score_batches
+from tasks.cluster import evaluate_scorer
 from tasks.data import Dataset, load_dataset
 from tasks.io import read_json, write_json
 from tasks.params import Params
@@ -39,6 +40,7 @@ _UNKNOWN_ITEM_SCORE = np.float32(-3.0e38)
 def baseline_metrics(dataset: Dataset, *, ease_lambdas: Sequence[float] | None = None,
                      select_metric: str = "hr@100", max_users: int | None = None,
                      sample_seed: int = 0, ease_max_items: int | None = None,
+                     dask_address: str | None = None, batch_size: int = 2048,
                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """``{"poprec": {"val", "test"}, "ease": {"lambda", "val", "test", "lambda_path",
     "description", "items", "coverage"}}`` on the same user sample as every other model
@@ -48,9 +50,10 @@ def baseline_metrics(dataset: Dataset, *, ease_lambdas: Sequence[float] | None =
     say_ = log or (lambda _m: None)
     val, test = dataset.val_set(max_users, sample_seed), dataset.test_set(max_users, sample_seed)
     pop = PopRec.fit(dataset.train)
-    pop_val = evaluate_score_batches(pop.iter_scores(val.context), val)
+    pop_val = evaluate_scorer(pop, val, batch_size=batch_size, address=dask_address)
     pop_test_stats: dict[str, Any] = {}
-    pop_test = evaluate_score_batches(pop.iter_scores(test.context), test, stats=pop_test_stats)
+    pop_test = evaluate_scorer(pop, test, batch_size=batch_size, address=dask_address,
+                               stats=pop_test_stats)
     items = None
     if ease_max_items is not None and dataset.n_items > ease_max_items:
         items = most_popular_items(dataset.train, ease_max_items)
@@ -62,7 +65,8 @@ def baseline_metrics(dataset: Dataset, *, ease_lambdas: Sequence[float] | None =
                                      f"({sec:.1f}s)"))
     ease_val = next(p["val"] for p in path if p["lambda"] == ease.lam)
     ease_test_stats: dict[str, Any] = {}
-    ease_test = evaluate_score_batches(ease.iter_scores(test.context), test, stats=ease_test_stats)
+    ease_test = evaluate_scorer(ease, test, batch_size=batch_size, address=dask_address,
+                                stats=ease_test_stats)
     m = select_metric
     counts = np.asarray(dataset.train.sum(axis=0)).ravel()
     if items is None:
@@ -93,6 +97,7 @@ def reference_metrics(dataset: Dataset, *, max_users: int = 20000, seed: int = 0
                       lambdas: Sequence[float] | None = None, depth: int = 1,
                       select_metric: str = "hr@100", batch_size: int = 2048,
                       eval_max_users: int | None = None, sample_seed: int = 0,
+                      dask_address: str | None = None,
                       log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """∞-AE on all users (or a ``max_users`` sample): ``{"description", "lambda", "val", …}``,
     scored on the evaluation sample (``eval_max_users``, ``sample_seed``) like every model."""
@@ -106,7 +111,8 @@ def reference_metrics(dataset: Dataset, *, max_users: int = 20000, seed: int = 0
         description = f"∞-AE on a random sample of {max_users} of {n} users (largest allowed)"
     model, report = fit_dataset(dataset, lambdas=lambdas, depth=depth, user_support=user_support,
                                 seed=seed, select_metric=select_metric, batch_size=batch_size,
-                                max_users=eval_max_users, sample_seed=sample_seed, log=log)
+                                max_users=eval_max_users, sample_seed=sample_seed,
+                                dask_address=dask_address, log=log)
     return {"description": description, "lambda": model.lam,
             "val": report["metrics"]["val"], "test": report["metrics"]["test"],
             "test_ci95": report["metrics"]["test_ci95"]}
@@ -186,11 +192,12 @@ def run(params: Params, log: Optional[Callable[[str], None]] = None) -> dict[str
     distill_report = read_json(paths.distill_report, "the distill stage's report")
     base = baseline_metrics(dataset, ease_lambdas=ev.ease_lambdas, select_metric=metric,
                             max_users=ev.max_users, sample_seed=ev.sample_seed,
-                            ease_max_items=ev.ease_max_items, log=log)
+                            ease_max_items=ev.ease_max_items, dask_address=ev.dask_address,
+                            batch_size=f.batch_size, log=log)
     ref = reference_metrics(dataset, max_users=ev.reference_max_users, seed=ev.reference_seed,
                             lambdas=f.lambdas, depth=f.depth, select_metric=metric,
                             batch_size=f.batch_size, eval_max_users=ev.max_users,
-                            sample_seed=ev.sample_seed, log=log)
+                            sample_seed=ev.sample_seed, dask_address=ev.dask_address, log=log)
     log(f"reference: {ref['description']}, λ={ref['lambda']:g}, test {metric}="
         f"{ref['test'][metric]:.2f}")
     base["ease"].pop("lambda_path", None)

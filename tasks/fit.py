@@ -26,6 +26,7 @@ from models.infinite_ae import (FULL_DATA_LAMBDAS, SUMMARY_LAMBDAS, InfAE, Lambd
                                 fit_select, kernel_matrix)
 from models.kernels import NTKConfig
 from tasks import stop
+from tasks.cluster import evaluate_scorer
 from tasks.data import Dataset, load_dataset
 from tasks.errors import InputError
 from tasks.io import write_json
@@ -82,6 +83,7 @@ def fit_dataset(
     batch_size: int = 2048,
     max_users: int | None = None,
     sample_seed: int = 0,
+    dask_address: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[InfAE, dict[str, Any]]:
     """Fit, select λ on validation ``select_metric``, evaluate on test: ``(model, report)``.
@@ -89,7 +91,8 @@ def fit_dataset(
     ``max_users``/``sample_seed``: validation and test score a fixed seeded sample of that many
     users of each split when there are more (:meth:`tasks.data.Dataset.val_set`); the report's
     ``sample`` says how many were scored, of how many, and ``val_ci95``/``test_ci95`` give the
-    half-widths of the 95% intervals. A λ that cannot be solved even stabilised is skipped
+    half-widths of the 95% intervals. ``dask_address``: the test users are scored on that Dask
+    cluster (:func:`tasks.cluster.evaluate_scorer`; same figures). A λ that cannot be solved even stabilised is skipped
     (``status`` in the λ path); a grid where every λ fails is one :class:`InputError`-free
     ``RuntimeError`` naming the kernel and the grid.
     """
@@ -144,7 +147,8 @@ def fit_dataset(
     t3 = time.perf_counter()
     test_set = dataset.test_set(max_users, sample_seed)
     test_stats: dict[str, Any] = {}
-    test = evaluate(model, test_set, batch_size=batch_size, stats=test_stats)
+    test = evaluate_scorer(model, test_set, batch_size=batch_size, address=dask_address,
+                           stats=test_stats, log=say_)
     timings["evaluate"] = time.perf_counter() - t3
     say_(f"λ={model.lam:g} test {select_metric}={test[select_metric]:.2f} "
          f"± {test_stats['ci95'].get(select_metric, 0.0):.2f} (95%, {test_stats['users']} users"
@@ -198,7 +202,8 @@ def run(params: Params, log: Optional[Callable[[str], None]] = None) -> dict[str
     model, report = fit_dataset(dataset, lambdas=f.summary_lambdas, depth=f.depth,
                                 select_metric=metric, support_path=paths.summary,
                                 batch_size=f.batch_size, max_users=params.evaluate.max_users,
-                                sample_seed=params.evaluate.sample_seed, log=log)
+                                sample_seed=params.evaluate.sample_seed,
+                                dask_address=params.evaluate.dask_address, log=log)
     save_model(model, paths.model, dataset.item_ids, report, dataset.data_version, overwrite=True)
     write_json(paths.metrics, report["metrics"])
     write_json(paths.lambda_path, report["lambda_path"])

@@ -144,6 +144,17 @@ class EvaluateParams(_Section):
     # this-many most popular items (other items score lowest) and the report states the share
     # of train interactions they cover
     ease_max_items: int = Field(10000, ge=100)
+    # a Dask scheduler (tcp://host:8786) that scores and ranks the user batches of every model's
+    # final evaluation (tasks.cluster); null: in this process. The figures are the same.
+    dask_address: Optional[str] = None
+
+    @field_validator("dask_address")
+    @classmethod
+    def _address(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not re.match(r"^(tcp|tls|inproc|ucx)://\S+$", value):
+            raise ValueError(f"expected a Dask scheduler address such as tcp://10.0.0.1:8786, "
+                             f"got {value!r}")
+        return value
 
     @field_validator("ease_lambdas")
     @classmethod
