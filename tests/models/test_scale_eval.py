@@ -200,3 +200,19 @@ def test_ease_on_the_most_popular_items_equals_a_dense_ease_on_those_columns():
     np.testing.assert_allclose(scores[:, items], xs @ b, rtol=2e-3, atol=1e-4)
     full = EASE(weights=ease_weights((train.T @ train).toarray(), 10.0), lam=10.0)
     assert full.n_items_fitted == m
+
+
+def test_validation_on_a_sample_of_the_support_users_equals_the_slow_path():
+    """∞-AE on every user, validated on a user sample: ``val_rows`` (K α = X − λ̃α on those rows)
+    gives the figures of scoring the sample through the cross kernel."""
+    train, val, w = low_rank_data(9, n=240)
+    rows = sample_users(val, 90, seed=4)
+    ev = EvalSet(context=train, targets=val, weights=w).subset(rows)
+    assert ev.population > 90 and ev.n_users == 90
+    fast_model, fast = fit_select(train, ev, [0.5, 5.0, 50.0], val_rows=rows,
+                                  select_metric="ndcg@10")
+    slow_model, slow = fit_select(train, ev, [0.5, 5.0, 50.0], select_metric="ndcg@10")
+    assert fast_model.lam == slow_model.lam
+    for a, b in zip(fast, slow):
+        for key in a.val:
+            assert a.val[key] == pytest.approx(b.val[key], abs=1e-6), (a.lam, key)
