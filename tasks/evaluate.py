@@ -27,6 +27,7 @@ from prefect import task
 
 from models.baselines import EASE_LAMBDAS, PopRec, fit_ease_select
 from models.infinite_ae import InfAE, batch_rows, evaluate, evaluate_score_batches
+from models.metrics import sample_users
 from tasks.cluster import evaluate_scorer
 from tasks.data import Dataset, load_dataset
 from tasks.io import read_json, write_json
@@ -104,15 +105,24 @@ def reference_metrics(dataset: Dataset, *, max_users: int = 20000, seed: int = 0
     from tasks.fit import fit_dataset
 
     n = dataset.n_users
+    support_users = None
     if n <= max_users:
         user_support, description = None, f"∞-AE on all {n} users"
     else:
         user_support = float(max_users)
         description = f"∞-AE on a random sample of {max_users} of {n} users (largest allowed)"
+        sample = sample_users(dataset.val, eval_max_users, sample_seed)
+        if sample is not None and len(sample) <= max_users:
+            # the validation sample's own users as the support: a random sample of users too,
+            # and their validation scores need no cross kernel (K α = X − λ̃α), the cost that
+            # dominates a large log's reference
+            user_support, support_users = None, sample
+            description = (f"∞-AE on the {len(sample)} users of the validation sample (of {n} "
+                           "users; evaluate.reference_max_users)")
     model, report = fit_dataset(dataset, lambdas=lambdas, depth=depth, user_support=user_support,
                                 seed=seed, select_metric=select_metric, batch_size=batch_size,
                                 max_users=eval_max_users, sample_seed=sample_seed,
-                                dask_address=dask_address, log=log)
+                                dask_address=dask_address, support_users=support_users, log=log)
     return {"description": description, "lambda": model.lam,
             "val": report["metrics"]["val"], "test": report["metrics"]["test"],
             "test_ci95": report["metrics"]["test_ci95"]}

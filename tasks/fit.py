@@ -41,11 +41,17 @@ def choose_support(
     support_path: str | Path | None = None,
     user_support: float | None = None,
     seed: int = 0,
+    support_users: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, Any], bool]:
-    """The support rows to fit on: all train users, a user sample, or a summary file.
+    """The support rows to fit on: all train users, a user sample (``user_support``: a share or
+    a count drawn with ``seed``; or ``support_users``: these rows), or a summary file.
 
     Returns ``(support, description, support_is_val_context)``.
     """
+    if support_users is not None:
+        rows = np.asarray(support_users, dtype=np.int64)
+        return (dataset.train[rows].toarray().astype(np.float32),
+                {"kind": "user_rows", "rows": int(rows.size)}, False)
     if support_path is not None:
         from tasks.summary import read_summary
 
@@ -84,6 +90,7 @@ def fit_dataset(
     max_users: int | None = None,
     sample_seed: int = 0,
     dask_address: str | None = None,
+    support_users: np.ndarray | None = None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[InfAE, dict[str, Any]]:
     """Fit, select λ on validation ``select_metric``, evaluate on test: ``(model, report)``.
@@ -91,7 +98,9 @@ def fit_dataset(
     ``max_users``/``sample_seed``: validation and test score a fixed seeded sample of that many
     users of each split when there are more (:meth:`tasks.data.Dataset.val_set`); the report's
     ``sample`` says how many were scored, of how many, and ``val_ci95``/``test_ci95`` give the
-    half-widths of the 95% intervals. ``dask_address``: the test users are scored on that Dask
+    half-widths of the 95% intervals. ``support_users``: fit on these train rows; when they are
+    the validation sample itself, validation needs no cross kernel (``K α = X − λ̃α``).
+    ``dask_address``: the test users are scored on that Dask
     cluster (:func:`tasks.cluster.evaluate_scorer`; same figures). A λ that cannot be solved even stabilised is skipped
     (``status`` in the λ path); a grid where every λ fails is one :class:`InputError`-free
     ``RuntimeError`` naming the kernel and the grid.
@@ -100,7 +109,8 @@ def fit_dataset(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     support, support_info, is_ctx = choose_support(
-        dataset, support_path=support_path, user_support=user_support, seed=seed
+        dataset, support_path=support_path, user_support=user_support, seed=seed,
+        support_users=support_users,
     )
     if lambdas is None:
         lambdas = FULL_DATA_LAMBDAS if support_info["kind"] != "summary" else SUMMARY_LAMBDAS
@@ -109,6 +119,9 @@ def fit_dataset(
     val_rows = None
     if is_ctx and val.rows is not None:  # the support is every user; validation a sample of them
         is_ctx, val_rows = False, val.rows
+    elif (support_users is not None and val.rows is not None
+          and np.array_equal(val.rows, support_users)):  # the support is the validation sample
+        is_ctx = True
     timings["prepare"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()

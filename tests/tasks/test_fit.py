@@ -159,3 +159,22 @@ def test_ml1m_reproduces_paper_figures(ml1m_path, tmp_path):
     assert report["metrics"]["lambda"] == 5.0
     assert abs(test["ndcg@10"] - 33.39) <= 0.5, test
     assert abs(test["hr@10"] - 31.91) <= 0.5, test
+
+
+def test_a_large_log_reference_fits_on_the_validation_sample_users(stage_params):
+    """Past evaluate.reference_max_users the reference ∞-AE is fitted on the validation sample's
+    own users (when it fits): their validation scores are X − λ̃α, the same figures as scoring
+    them through the cross kernel, and every model is scored on that same sample."""
+    from models.infinite_ae import fit_select
+    from models.kernels import NTKConfig
+    from tasks.evaluate import reference_metrics
+
+    ds = load_dataset(stage_params.paths().processed)
+    ref = reference_metrics(ds, max_users=150, lambdas=[1.0, 5.0], select_metric="ndcg@10",
+                            eval_max_users=120, sample_seed=0)
+    assert ref["description"].startswith("∞-AE on the 120 users of the validation sample")
+    val = ds.val_set(120, 0)
+    support = ds.train[val.rows].toarray()
+    _, slow = fit_select(support, val, [1.0, 5.0], NTKConfig(), select_metric="ndcg@10")
+    kept = next(p for p in slow if p.lam == ref["lambda"])
+    assert ref["val"]["ndcg@10"] == pytest.approx(kept.val["ndcg@10"], abs=1e-6)
