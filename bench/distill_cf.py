@@ -168,6 +168,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="Gumbel noise generator")
     parser.add_argument("--no-full", action="store_true", help="skip ∞-AE on all users")
     parser.add_argument("--profile", action="store_true", help="also time the parts of one step")
+    parser.add_argument("--eval-max-users", type=int, default=None,
+                        help="in-loop checks on a seeded sample of this many validation users "
+                             "(the pipeline's distill.eval_max_users; default: every user)")
+    parser.add_argument("--max-users", type=int, default=None,
+                        help="final test figures on a seeded sample of this many test users "
+                             "(the pipeline's evaluate.max_users; default: every user)")
     parser.add_argument("--keep", type=Path, default=None,
                         help="write the summary (.npy) and the step log (.jsonl) here")
     args = parser.parse_args(argv)
@@ -195,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out["config"] = {k: v for k, v in dataclasses.asdict(config).items() if k != "kernel"}
     if args.profile:
         out["profile"] = profile_step(dataset, config)
-    val, test = dataset.val_set(), dataset.test_set()
+    val, test = dataset.val_set(args.eval_max_users), dataset.test_set(args.max_users)
 
     log: list[dict[str, Any]] = []
     t_start = time.perf_counter()
