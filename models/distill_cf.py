@@ -450,6 +450,8 @@ def distill(
     val: EvalSet,
     config: DistillConfig = DistillConfig(),
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    validate: Callable[..., tuple[float, dict[str, float], list[tuple[float, Any]]]] | None = None,
 ) -> DistillResult:
     """Run Distill-CF on the ``train`` matrix (users × items, binary), validating on ``val``.
 
@@ -469,7 +471,12 @@ def distill(
     ``best_val_<metric>``, ``best_step``, ``lambda`` and, at evaluated steps, ``val`` (all
     validation metrics at the kept λ), ``lambda_path`` (``[λ, value]`` of the selection metric
     for the whole grid) and ``eval_seconds``. ``<metric>`` is ``config.select_metric``.
+
+    ``validate(support, val, config)``: how each evaluation fits and ranks (default
+    :func:`_validate`, NumPy ranking; :func:`models.jax_infae.make_validator` does it on the JAX
+    device), returning ``(best λ, its validation metrics, [(λ, value)])``.
     """
+    validate = _validate if validate is None else validate
     train = sp.csr_matrix(train, dtype=np.float32, copy=True)
     train.data[:] = 1.0  # implicit feedback: binary (on our copy)
     n_users, n_items = train.shape
@@ -497,7 +504,7 @@ def distill(
     train_root, eval_root = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
 
     start = time.perf_counter()
-    lam, init_val, lam_path = _validate(init_rows, val, config)
+    lam, init_val, lam_path = validate(init_rows, val, config)
     # the best evaluation so far: (value, step, summary, λ, validation metrics); step 0 included
     best: tuple[float, int, np.ndarray, float, dict[str, float]] = (
         init_val[metric], 0, init_rows, lam, init_val)
@@ -538,7 +545,7 @@ def distill(
         if config.is_eval_step(step) or step == config.max_steps:
             start = time.perf_counter()
             summary = np.asarray(sample_fn(state.params, jax.random.fold_in(eval_root, step)))
-            lam, val_metrics, lam_path = _validate(summary, val, config)
+            lam, val_metrics, lam_path = validate(summary, val, config)
             last_value = val_metrics[metric]
             record.update({"evaluated": True, key_name: last_value, "lambda": lam,
                            "val": val_metrics, "lambda_path": lam_path,
