@@ -64,19 +64,29 @@ def _clean(scores: jax.Array) -> jax.Array:
     return jnp.where(jnp.isnan(scores), -jnp.inf, scores)
 
 
-def top_k_mask(scores: jax.Array, k: int) -> jax.Array:
-    """Boolean b × m: each row's ``k`` best items (ties at the cut: the lower item indices).
+def top_k_set(scores: jax.Array, k: int) -> jax.Array:
+    """Item indices (b × k int32) of each row's ``k`` best items, by ascending item index.
 
-    ``scores`` must hold no NaN (see :func:`top_k_exact`). Exactly the set of
-    :func:`models.metrics.top_k_unseen` ``(…, sort=False)``, whatever ``lax.top_k``'s tie order.
+    The set is exactly :func:`models.metrics.top_k_unseen`'s (ties at the cut: the lower item
+    indices), whatever ``lax.top_k``'s tie order: ``top_k`` gives the k-th largest value; the
+    items above it and those equal to it get distinct integer keys (above: ``3m − j``, equal:
+    ``m − j``, others −1) whose ``top_k`` is every item above, then the lowest-index equal ones.
+    ``scores`` must hold no NaN (see :func:`top_k_exact`); at most 5,592,405 items.
     """
+    m = scores.shape[1]
+    if 3 * m >= 2**24:
+        raise ValueError(f"{m} items: the top-k keys would not be exact in float32")
     values, _ = lax.top_k(scores, k)
-    kth = values[:, k - 1 : k]
-    above = scores > kth
-    n_above = jnp.sum(above, axis=1, keepdims=True, dtype=jnp.int32)
-    tie = scores == kth
-    tie_rank = jnp.cumsum(tie, axis=1, dtype=jnp.int32)  # 1 for the lowest-index tied item
-    return above | (tie & (tie_rank <= k - n_above))
+    # the k-th value as the minimum of the k (a slice of top_k's last column makes XLA:CPU take a
+    # sort-based path, ≈ 15× slower)
+    kth = jnp.min(values, axis=1, keepdims=True)
+    # float32 keys (integers < 3m ≤ 2^24: exact): XLA's CPU top_k is a fast kernel for float32
+    # only (integers go through a full sort)
+    reverse = (m - lax.broadcasted_iota(jnp.int32, scores.shape, 1)).astype(jnp.float32)
+    key = jnp.where(scores > kth, reverse + 2 * m, jnp.where(scores == kth, reverse, -1.0))
+    keys, _ = lax.top_k(key, k)
+    keys = keys.astype(jnp.int32)
+    return jnp.where(keys > 2 * m, 3 * m - keys, m - keys)
 
 
 def top_k_exact(scores: jax.Array, k: int) -> jax.Array:
@@ -86,12 +96,8 @@ def top_k_exact(scores: jax.Array, k: int) -> jax.Array:
     (with the seen items already at −∞).
     """
     s = _clean(scores)
-    m = s.shape[1]
-    k = min(int(k), m)
-    chosen = top_k_mask(s, k)
-    iota = lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    # distinct keys m − j for the chosen items: top_k lists them by ascending item index
-    _, items = lax.top_k(jnp.where(chosen, m - iota, -1), k)
+    k = min(int(k), s.shape[1])
+    items = top_k_set(s, k)
     picked = jnp.take_along_axis(s, items, axis=1)
     # (−score, index) lexicographically; −(−inf) = +inf sorts last
     _, ordered = lax.sort((-picked, items), dimension=1, num_keys=2)
@@ -142,8 +148,9 @@ def batch_metric_sums(scores: jax.Array, arrays: dict[str, jax.Array], weights: 
             add(f"psp@{k}", jnp.sum(gains[:, :kk], axis=1) / safe / arrays["psp_ideal"][:, j])
     else:
         for k in ks:
-            chosen = top_k_mask(s, min(k, m))
-            n_hits = jnp.sum(chosen & targets, axis=1, dtype=jnp.int32).astype(jnp.float32)
+            items = top_k_set(s, min(k, m))
+            n_hits = jnp.sum(jnp.take_along_axis(targets, items, axis=1), axis=1,
+                             dtype=jnp.int32).astype(jnp.float32)
             add(f"hr@{k}", n_hits / jnp.where(keep, jnp.minimum(p, float(k)), 1.0))
     if auc:
         t_rows, t_cols = arrays["target_rows"], arrays["target_cols"]
@@ -379,7 +386,7 @@ def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
 
 
 __all__ = [
-    "TRACES", "top_k_exact", "top_k_mask", "batch_metric_sums", "jitted_batch_metrics",
+    "TRACES", "top_k_exact", "top_k_set", "batch_metric_sums", "jitted_batch_metrics",
     "DeviceEvalSet", "DeviceAccumulator", "evaluate_score_batches_jax", "pad_batch", "finish",
     "mask_coords",
 ]
