@@ -153,3 +153,22 @@ def test_bench_gpu_runs_without_polars_prefect_mlflow_dvc_and_reads_parquet_like
     for name in ("train", "val", "test"):
         assert (getattr(ref, name) != getattr(got, name)).nnz == 0, name
     np.testing.assert_array_equal(ref.negatives, got.negatives)
+
+
+def test_distill_targets_built_on_device_and_device_validation_equal_numpy():
+    from models.distill_cf import DistillConfig, _validate, dense_rows_on_device
+    from models.jax_infae import make_validator
+    from models.samplers import random_users, rows_of
+
+    train, val, _ = _problem(seed=5)
+    users = np.array([0, 3, 7, 8, 40, 149])
+    np.testing.assert_array_equal(np.asarray(dense_rows_on_device(train, users)),
+                                  rows_of(train, users))
+    config = DistillConfig(budget=20, lambdas=(1.0, 5.0, 50.0), select_metric="ndcg@10")
+    support = random_users(train, 20, 0)
+    ref_lam, ref_val, ref_path = _validate(support, val, config)
+    lam, got_val, path = make_validator(batch=64)(support, val, config)
+    assert lam == ref_lam and [p[0] for p in path] == [p[0] for p in ref_path]
+    _close(ref_val, got_val, rel=1e-4)
+    for (_, a), (_, b) in zip(ref_path, path):
+        assert b == pytest.approx(a, rel=1e-4)
