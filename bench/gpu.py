@@ -386,6 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import jax
 
+    load_start = os.getloadavg()[0]
     if args.cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(args.cache_dir))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -418,6 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         say("Netflix-shaped log:")
         out["netflix"] = netflix(args, args.metric, args.batch)
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    out["loadavg_start_end"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     print(json.dumps(out), flush=True)
     return out
 
