@@ -59,9 +59,12 @@ def _kernel(x: jax.Array, config: NTKConfig) -> jax.Array:
 @jax.jit
 def _solve(kernel: jax.Array, x: jax.Array, lam_scaled: jax.Array) -> tuple[jax.Array, jax.Array]:
     TRACES["solve"] += 1
-    a = kernel + lam_scaled * jnp.eye(kernel.shape[0], dtype=kernel.dtype)
-    factor = jax.scipy.linalg.cho_factor(a, lower=True)
-    alpha = jax.scipy.linalg.cho_solve(factor, x)
+    # full float32 also where XLA expands the triangular solves into blocked products (GPUs
+    # default to TF32 there)
+    with jax.default_matmul_precision("float32"):
+        a = kernel + lam_scaled * jnp.eye(kernel.shape[0], dtype=kernel.dtype)
+        factor = jax.scipy.linalg.cho_factor(a, lower=True)
+        alpha = jax.scipy.linalg.cho_solve(factor, x)
     return alpha, jnp.all(jnp.isfinite(alpha))
 
 
@@ -86,6 +89,32 @@ def _cross_metrics(support: jax.Array, support_sq: jax.Array, alpha: jax.Array,
     h = _densify(arrays["context_rows"], arrays["context_cols"], arrays["context_vals"], b, m)
     scores = _cross_scores(support, support_sq, alpha, h, config)
     return batch_metric_sums(scores, arrays, weights, ks=ks, sort=sort, auc=auc)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _cross_kernel(support: jax.Array, support_sq: jax.Array, arrays: dict[str, jax.Array], *,
+                  config: NTKConfig) -> jax.Array:
+    """``k(H, X)`` of a padded history batch (b × n): reused by every λ of a grid."""
+    TRACES["cross_kernel"] += 1
+    b, m = arrays["p"].shape[0], support.shape[1]
+    h = _densify(arrays["context_rows"], arrays["context_cols"], arrays["context_vals"], b, m)
+    dots = jnp.matmul(h, support.T, precision=HIGHEST)
+    return ntk_jax(dots, jnp.sum(h * h, axis=1), support_sq, m, config)
+
+
+@functools.partial(jax.jit, static_argnames=("ks", "sort", "auc"))
+def _kernel_metrics(kernel: jax.Array, alpha: jax.Array, arrays: dict[str, jax.Array],
+                    weights: jax.Array, *, ks: tuple[int, ...], sort: bool,
+                    auc: bool) -> dict[str, jax.Array]:
+    """Scores ``k(H, X) α`` from a kept kernel block, and their metric sums."""
+    TRACES["kernel_metrics"] += 1
+    scores = jnp.matmul(kernel, alpha, precision=HIGHEST)
+    return batch_metric_sums(scores, arrays, weights, ks=ks, sort=sort, auc=auc)
+
+
+_HISTORY_KEYS = ("p", "context_rows", "context_cols", "context_vals")
+# k(H, X) of a λ grid's validation users is kept on the device up to this size (as the NumPy path)
+CROSS_CACHE_BYTES = 512 * 2**20
 
 
 @functools.partial(jax.jit, static_argnames=("ks", "sort", "auc"))
@@ -272,6 +301,10 @@ def fit_select_device(
         x_pad = jnp.pad(x, ((0, extra), (0, 0)))
         zeros_pad = jnp.zeros_like(x_pad)
     support_sq = jnp.sum(x * x, axis=1)
+    # k(C, X) per batch, computed once for the grid when it is small enough (≤ 512 MB)
+    cross: dict[int, jax.Array] = {}
+    keep_cross = (not support_is_val_context
+                  and -(-val.context.shape[0] // batch) * batch * n * 4 <= CROSS_CACHE_BYTES)
 
     def score(alpha: jax.Array | None, lam_scaled: float, metrics: list[str] | None
               ) -> dict[str, float]:
@@ -289,6 +322,13 @@ def fit_select_device(
                 sums = _support_metrics(x_pad, a_pad, jnp.float32(lam_scaled),
                                         jnp.int32(index * batch), arrays, weights,
                                         ks=plan.ks, sort=plan.sort, auc=auc)
+            elif keep_cross:
+                arrays = _device_arrays(prepared, index, auc=auc, context=True)
+                if index not in cross:
+                    history = {key: arrays[key] for key in _HISTORY_KEYS}  # one trace for all plans
+                    cross[index] = _cross_kernel(x, support_sq, history, config=config)
+                sums = _kernel_metrics(cross[index], alpha, arrays, weights, ks=plan.ks,
+                                       sort=plan.sort, auc=auc)
             else:
                 arrays = _device_arrays(prepared, index, auc=auc, context=True)
                 sums = _cross_metrics(x, support_sq, alpha, arrays, weights, config=config,

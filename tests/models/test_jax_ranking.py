@@ -110,7 +110,8 @@ def test_device_fit_select_and_test_equal_numpy_and_compile_once():
     assert dict(TRACES) == before
     # the first two grids (4 λ, 5 batches each, and test): one trace per plan (reduced, full)
     traced = {key: before.get(key, 0) - start.get(key, 0) for key in before}
-    assert traced["cross_metrics"] <= 2 and traced["support_metrics"] <= 2, traced
+    assert traced["cross_metrics"] <= 1 and traced["support_metrics"] <= 2, traced  # test: 1
+    assert traced["kernel_metrics"] <= 2 and traced["cross_kernel"] <= 1, traced
     assert traced["solve"] <= 1 and traced["kernel"] <= 1, traced
 
 
