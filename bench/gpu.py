@@ -59,7 +59,7 @@ AUC_NEGATIVES, AUC_SEED = 50, 0  # as tasks.data
 NETFLIX = {"users": 480_189, "items": 17_770, "rows": 100_000_000}
 
 
-# -- data without Polars ------------------------------------------------------------------------------
+# -- data without Polars -----------------------------------------------------------------------
 @dataclass
 class SplitData:
     """Train / validation / test as binary CSR (users × items): :class:`tasks.data.Dataset`'s
@@ -218,7 +218,7 @@ def _round(metrics: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 4) for k, v in metrics.items()}
 
 
-# -- phases ------------------------------------------------------------------------------------------
+# -- phases -----------------------------------------------------------------------------------
 def infae_all_users(data: SplitData, metric: str, batch: int) -> dict[str, Any]:
     """∞-AE on every train user: kernel, λ grid on validation, test — all on the device."""
     from models.infinite_ae import FULL_DATA_LAMBDAS, _dense32
@@ -348,7 +348,8 @@ def netflix(args: argparse.Namespace, metric: str, batch: int) -> dict[str, Any]
     history.data[:] = 1.0
     phases.run("rank_all", lambda: ref.recommend(history, 100, batch=batch))
     report = phases.report()
-    stage = {"distill": ["distill", "random_users_fit", "random_users_test"], "fit": ["fit", "fit_test"],
+    stage = {"distill": ["distill", "random_users_fit", "random_users_test"],
+             "fit": ["fit", "fit_test"],
              "evaluate": ["poprec", "reference_fit", "reference_test"]}
     report["stage_seconds"] = {k: round(sum(report["seconds"][p] for p in v), 3)
                                for k, v in stage.items()}
@@ -377,7 +378,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--items", type=int, default=NETFLIX["items"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=os.environ.get("JAX_COMPILATION_CACHE_DIR"),
-                        help="persistent XLA compilation cache (default: $JAX_COMPILATION_CACHE_DIR)")
+                        help="persistent XLA compilation cache "
+                             "(default: $JAX_COMPILATION_CACHE_DIR)")
     args = parser.parse_args(argv)
     only = {p.strip() for p in args.only.split(",") if p.strip()}
     unknown = only - {"ml1m-infae", "ml1m-distill", "netflix"}

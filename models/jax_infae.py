@@ -29,7 +29,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,7 @@ HIGHEST = lax.Precision.HIGHEST
 DEFAULT_BATCH = 2048
 
 
-# -- jitted steps (module level: one cache for every caller) ----------------------------------------
+# -- jitted steps (module level: one cache for every caller) -----------------------------------
 @functools.partial(jax.jit, static_argnums=(1,))
 def _kernel(x: jax.Array, config: NTKConfig) -> jax.Array:
     TRACES["kernel"] += 1
@@ -144,7 +144,7 @@ def _top_k_batch(support: jax.Array, support_sq: jax.Array, alpha: jax.Array, ro
     return items, jnp.take_along_axis(jnp.where(jnp.isnan(masked), -jnp.inf, masked), items, axis=1)
 
 
-# -- the model on the device -------------------------------------------------------------------------
+# -- the model on the device --------------------------------------------------------------------
 @dataclass
 class DeviceInfAE:
     """A fitted ∞-AE whose support and α live on the device."""
@@ -249,7 +249,8 @@ def kernel_matrix_device(support: Any, config: NTKConfig = NTKConfig()) -> jax.A
 
 
 def scaled_lambda_device(kernel: jax.Array, lam: float) -> float:
-    """λ̃ = λ · trace(K)/n, the trace summed in float64 on the host (as NumPy's ``scaled_lambda``)."""
+    """λ̃ = λ · trace(K)/n, the trace summed in float64 on the host (as NumPy's
+    ``scaled_lambda``)."""
     diag = np.asarray(jnp.diagonal(kernel))
     return float(lam) * float(np.sum(diag, dtype=np.float64)) / kernel.shape[0]
 
@@ -315,7 +316,8 @@ def fit_select_device(
         acc = DeviceAccumulator(plan.ks)
         pending = None
         if support_is_val_context:
-            a_pad = zeros_pad if alpha is None else jnp.pad(alpha, ((0, x_pad.shape[0] - n), (0, 0)))
+            a_pad = (zeros_pad if alpha is None
+                     else jnp.pad(alpha, ((0, x_pad.shape[0] - n), (0, 0))))
         for index in range(prepared.n_batches):
             if support_is_val_context:
                 arrays = _device_arrays(prepared, index, auc=auc, context=False)
@@ -370,7 +372,8 @@ def fit_select_device(
         if on_lambda is not None:
             on_lambda(result)
         if metrics[select_metric] > best_value:
-            best_value, best, best_alpha, best_computed = metrics[select_metric], result, alpha, computed
+            best_value, best = metrics[select_metric], result
+            best_alpha, best_computed = alpha, computed
     if best is None:
         raise LambdaGridError(
             f"no λ of the grid {[float(v) for v in lambdas]} gives a positive definite K + λ̃I "
@@ -393,7 +396,8 @@ def fit_select_device(
 def make_validator(batch: int = DEFAULT_BATCH) -> Callable[..., tuple[float, dict[str, float],
                                                                         list[tuple[float, Any]]]]:
     """A Distill-CF validator (``distill(..., validate=…)``) that fits and ranks on the device:
-    the same ``(best λ, its validation metrics, [(λ, value)])`` as :func:`models.distill_cf._validate`.
+    the same ``(best λ, its validation metrics, [(λ, value)])`` as
+    :func:`models.distill_cf._validate`.
     The validation set is prepared once (its batches stay on the device across evaluations)."""
 
     def validate(support: np.ndarray, val: EvalSet, config: Any

@@ -122,8 +122,8 @@ def batch_metric_sums(scores: jax.Array, arrays: dict[str, jax.Array], weights: 
     b, m = scores.shape
     raw = scores
     s = _clean(mask_coords(scores, arrays["seen_rows"], arrays["seen_cols"]))
-    targets = jnp.zeros((b, m), dtype=jnp.bool_).at[arrays["target_rows"], arrays["target_cols"]].set(
-        True, mode="drop")
+    targets = jnp.zeros((b, m), dtype=jnp.bool_).at[
+        arrays["target_rows"], arrays["target_cols"]].set(True, mode="drop")
     p = arrays["p"].astype(jnp.float32)
     keep = arrays["p"] > 0
     out: dict[str, jax.Array] = {"users": jnp.sum(keep, dtype=jnp.int32)}
@@ -144,7 +144,8 @@ def batch_metric_sums(scores: jax.Array, arrays: dict[str, jax.Array], weights: 
             denom = jnp.minimum(p, float(k))
             safe = jnp.where(keep, denom, 1.0)
             add(f"hr@{k}", jnp.sum(hits[:, :kk], axis=1) / safe)
-            add(f"ndcg@{k}", jnp.sum(hits[:, :kk] * discount[:kk], axis=1) / arrays["ideal_dcg"][:, j])
+            dcg = jnp.sum(hits[:, :kk] * discount[:kk], axis=1)
+            add(f"ndcg@{k}", dcg / arrays["ideal_dcg"][:, j])
             add(f"psp@{k}", jnp.sum(gains[:, :kk], axis=1) / safe / arrays["psp_ideal"][:, j])
     else:
         for k in ks:
@@ -167,7 +168,8 @@ def batch_metric_sums(scores: jax.Array, arrays: dict[str, jax.Array], weights: 
 def jitted_batch_metrics(ks: tuple[int, ...], sort: bool, auc: bool):
     """``fn(scores, arrays, weights) -> sums``: :func:`batch_metric_sums` jitted (one per plan)."""
 
-    def fn(scores: jax.Array, arrays: dict[str, jax.Array], weights: jax.Array) -> dict[str, jax.Array]:
+    def fn(scores: jax.Array, arrays: dict[str, jax.Array], weights: jax.Array
+           ) -> dict[str, jax.Array]:
         TRACES["batch_metrics"] += 1
         return batch_metric_sums(scores, arrays, weights, ks=ks, sort=sort, auc=auc)
 
@@ -177,13 +179,15 @@ def jitted_batch_metrics(ks: tuple[int, ...], sort: bool, auc: bool):
 # -- evaluation sets on the host -------------------------------------------------------------------
 def _coords(mat: sp.csr_matrix, start: int, stop: int, b: int, capacity: int
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows, columns and values of ``mat[start:stop]``, padded to ``capacity`` (row ``b``: dropped)."""
+    """Rows, columns and values of ``mat[start:stop]``, padded to ``capacity`` (padding: row
+    ``b``, dropped by the scatters)."""
     lo, hi = mat.indptr[start], mat.indptr[stop]
     n = hi - lo
     rows = np.full(capacity, b, dtype=np.int32)
     cols = np.zeros(capacity, dtype=np.int32)
     vals = np.zeros(capacity, dtype=np.float32)
-    rows[:n] = np.repeat(np.arange(stop - start, dtype=np.int32), np.diff(mat.indptr[start : stop + 1]))
+    rows[:n] = np.repeat(np.arange(stop - start, dtype=np.int32),
+                         np.diff(mat.indptr[start : stop + 1]))
     cols[:n] = mat.indices[lo:hi]
     vals[:n] = mat.data[lo:hi]
     return rows, cols, vals
@@ -243,20 +247,23 @@ class DeviceEvalSet:
         self.weights = np.asarray(d.weights, dtype=np.float32)
         self.negatives = None if d.negatives is None else np.asarray(d.negatives)
 
-    def batch_arrays(self, index: int, *, auc: bool, context: bool = False) -> dict[str, np.ndarray]:
+    def batch_arrays(self, index: int, *, auc: bool, context: bool = False
+                     ) -> dict[str, np.ndarray]:
         """The padded arrays of batch ``index`` (users ``index·batch`` …)."""
         b = self.batch
         start = index * b
         stop = min(start + b, self.n_users)
         rows = stop - start
         out: dict[str, np.ndarray] = {}
-        out["seen_rows"], out["seen_cols"], _ = _coords(self.seen, start, stop, b, self.seen_capacity)
+        out["seen_rows"], out["seen_cols"], _ = _coords(self.seen, start, stop, b,
+                                                        self.seen_capacity)
         out["target_rows"], out["target_cols"], _ = _coords(self.targets, start, stop, b,
                                                             self.target_capacity)
         if context:
             if self.seen_is_context:
                 out["context_rows"], out["context_cols"] = out["seen_rows"], out["seen_cols"]
-                out["context_vals"] = _coords(self.context, start, stop, b, self.context_capacity)[2]
+                out["context_vals"] = _coords(self.context, start, stop, b,
+                                              self.context_capacity)[2]
             else:
                 (out["context_rows"], out["context_cols"],
                  out["context_vals"]) = _coords(self.context, start, stop, b, self.context_capacity)
@@ -268,7 +275,8 @@ class DeviceEvalSet:
             arr[:rows] = getattr(self, name)[start:stop]
             out[name] = arr
         if auc:
-            neg = np.full((b, 1 if self.negatives is None else self.negatives.shape[1]), -1, np.int32)
+            width = 1 if self.negatives is None else self.negatives.shape[1]
+            neg = np.full((b, width), -1, np.int32)
             if self.negatives is not None:
                 neg[:rows] = self.negatives[start:stop]
             out["negatives"] = neg

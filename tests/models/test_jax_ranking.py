@@ -59,7 +59,8 @@ def test_top_k_exact_is_numpys_order_with_ties_nan_and_masked_rows():
     masked = scores.copy()
     masked[seen.nonzero()] = -np.inf
     for k in (1, 10, 100, m):
-        np.testing.assert_array_equal(np.asarray(top_k_exact(masked, k)), top_k_unseen(scores, seen, k))
+        np.testing.assert_array_equal(np.asarray(top_k_exact(masked, k)),
+                                      top_k_unseen(scores, seen, k))
 
 
 def test_jax_metrics_equal_numpy_metrics_and_intervals():
@@ -120,7 +121,7 @@ def test_device_fit_select_and_test_equal_numpy_and_compile_once():
     assert traced["solve"] <= 1 and traced["kernel"] <= 1, traced
 
 
-def test_bench_gpu_needs_neither_polars_prefect_mlflow_nor_dvc_and_reads_parquet_like_ingest(tmp_path):
+def test_bench_gpu_needs_no_polars_prefect_mlflow_dvc_and_reads_parquet_like_ingest(tmp_path):
     import polars as pl
 
     rng = np.random.default_rng(4)
@@ -138,7 +139,7 @@ def test_bench_gpu_needs_neither_polars_prefect_mlflow_nor_dvc_and_reads_parquet
     code = ("import sys\n"
             "for name in ('polars', 'prefect', 'mlflow', 'dvc', 'yaml'):\n"
             "    sys.modules[name] = None\n"
-            "import bench.gpu, models.jax_infae, models.distill_cf, models.baselines, models.samplers\n"
+            "import bench.gpu, models.jax_infae, models.distill_cf, models.baselines\n"
             f"d = bench.gpu.load_parquet({str(path)!r})\n"
             "g = bench.gpu.generate(300, 80, 6000)\n"
             "assert g.train.shape[1] == 80 and g.val_set(100, 0).n_users == 100\n"
