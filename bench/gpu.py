@@ -28,6 +28,14 @@ reports it, with the process's peak RSS):
   top 100 unseen items of every user from train + validation by the reference model.
 
 Progress goes to stderr; the last stdout line is one JSON object with a key per phase.
+
+On a GPU machine (the repository copied there, ML-1M beside it at a git-ignored path such as
+``data/ml1m.parquet``), cold then warm, the second run reading the compiled programs from the
+cache the first one wrote::
+
+    export JAX_COMPILATION_CACHE_DIR=/tmp/infrec-jax-cache
+    python3 -m bench.gpu --ml1m data/ml1m.parquet > cold.json 2> cold.log
+    python3 -m bench.gpu --ml1m data/ml1m.parquet --only ml1m-infae,ml1m-distill > warm.json 2> warm.log
 """
 
 from __future__ import annotations
