@@ -35,7 +35,8 @@ cache the first one wrote::
 
     export JAX_COMPILATION_CACHE_DIR=/tmp/infrec-jax-cache
     python3 -m bench.gpu --ml1m data/ml1m.parquet > cold.json 2> cold.log
-    python3 -m bench.gpu --ml1m data/ml1m.parquet --only ml1m-infae,ml1m-distill > warm.json 2> warm.log
+    python3 -m bench.gpu --ml1m data/ml1m.parquet --only ml1m-infae,ml1m-distill \
+        > warm.json 2> warm.log
 """
 
 from __future__ import annotations
