@@ -35,7 +35,7 @@ cache the first one wrote::
 
     export JAX_COMPILATION_CACHE_DIR=/tmp/infrec-jax-cache
     python3 -m bench.gpu --ml1m data/ml1m.parquet > cold.json 2> cold.log
-    python3 -m bench.gpu --ml1m data/ml1m.parquet --only ml1m-infae,ml1m-distill \
+    python3 -m bench.gpu --ml1m data/ml1m.parquet --only ml1m-infae,ml1m-distill \\
         > warm.json 2> warm.log
 """
 
