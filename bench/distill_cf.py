@@ -51,20 +51,27 @@ def _time_fn(fn: Any, *args: Any, repeats: int = 3) -> dict[str, float]:
 
 
 def profile_step(dataset: Any, config: Any) -> dict[str, dict[str, float]]:
-    """Wall/CPU seconds of the parts of one Distill-CF step (all users as targets)."""
+    """Wall/CPU seconds of the parts of one Distill-CF step, on the step's own targets: a batch
+    of ``config.target_batch`` users (seeded) when set and smaller than the users with train rows,
+    else all of them. The targets are arguments of every timed function (never constants)."""
     import jax
     import jax.numpy as jnp
 
     from models.distill_cf import (adam_init, cholesky_solve, compiler_options, draw_seeds,
                                    make_loss_fn, make_multi_gumbel_fn, make_step_fn, ntk_fn,
                                    single_threaded_blas, softmax_cross_entropy)
-    from models.samplers import random_users
+    from models.samplers import random_users, rows_of
 
     train = dataset.train
     n_items = train.shape[1]
     counts = np.diff(train.indptr).astype(np.float32)
-    targets = jnp.asarray(train.toarray().astype(np.float32))
-    targets_sq = jnp.asarray(counts)
+    active = np.flatnonzero(counts > 0)
+    users = active
+    if config.target_batch and config.target_batch < len(active):
+        users = np.sort(np.random.default_rng([config.seed, 2]).choice(
+            active, size=config.target_batch, replace=False))
+    targets = jnp.asarray(rows_of(train, users))
+    targets_sq = jnp.asarray(counts[users])
     x_raw = jnp.asarray(random_users(train, config.budget, config.seed))
     seeds = draw_seeds(jax.random.key(0), config.samples, config.noise)
     rng = np.random.default_rng(0)
@@ -74,13 +81,15 @@ def profile_step(dataset: Any, config: Any) -> dict[str, dict[str, float]]:
     _, sample_fn = make_loss_fn(n_items, train.nnz / train.shape[0], config)
     support = sample_fn(x_raw, seeds)
 
-    def kernel_loss(sup: Any, lam: Any) -> Any:
+    # the targets are arguments, never closed over: a closure would make the whole users × items
+    # matrix a constant of the compiled program (34 GB at 480k users)
+    def kernel_loss(sup: Any, lam: Any, tgt: Any, tgt_sq: Any) -> Any:
         sq = jnp.sum(sup * sup, axis=1)
         k_ss = ntk_fn(sup @ sup.T, sq, sq, n_items, config.kernel)
-        k_ts = ntk_fn(targets @ sup.T, targets_sq, sq, n_items, config.kernel)
+        k_ts = ntk_fn(tgt @ sup.T, tgt_sq, sq, n_items, config.kernel)
         lam_scaled = jnp.abs(lam) * jnp.trace(k_ss) / sup.shape[0]
         alpha = cholesky_solve(k_ss + lam_scaled * jnp.eye(sup.shape[0], dtype=sup.dtype), sup)
-        return softmax_cross_entropy(k_ts @ alpha, targets, targets_sq)
+        return softmax_cross_entropy(k_ts @ alpha, tgt, tgt_sq)
 
     def gumbel_vjp(x: Any, s: Any, g: Any) -> Any:
         return jax.vjp(lambda v: multi_gumbel_fn(v, s), x)[1](g)[0]
@@ -92,9 +101,10 @@ def profile_step(dataset: Any, config: Any) -> dict[str, dict[str, float]]:
         "gumbel_forward": (jax.jit(multi_gumbel_fn, compiler_options=opts), (x_raw, seeds)),
         "gumbel_forward_backward": (jax.jit(gumbel_vjp, compiler_options=opts),
                                     (x_raw, seeds, cotangent)),
-        "kernel_loss_forward": (jax.jit(kernel_loss, compiler_options=opts), (support, lam)),
+        "kernel_loss_forward": (jax.jit(kernel_loss, compiler_options=opts),
+                                (support, lam, targets, targets_sq)),
         "kernel_loss_forward_backward": (jax.jit(jax.grad(kernel_loss), compiler_options=opts),
-                                         (support, lam)),
+                                         (support, lam, targets, targets_sq)),
         "full_step": (step_fn, (state, jax.random.key(1), lam, targets, targets_sq)),
     }
     if config.noise == "hash":  # the same step with jax.random's threefry noise, for comparison
