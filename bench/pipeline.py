@@ -3,10 +3,17 @@ params.yaml, in a temporary git + DVC workspace (its own state dir, MLflow datab
 remote; a temporary Prefect server), then the figures it recorded.
 
     .venv/bin/python -m bench.pipeline --input ../shared/data/ml-1m/interactions.parquet
+    .venv/bin/python -m bench.pipeline --generate 150000,15000,30000000        # Netflix-shaped
+    .venv/bin/python -m bench.pipeline --generate 52000,90000,3000000 --min-user-rows 3  # Amazon
+
+``--generate USERS,ITEMS,ROWS`` writes a deterministic log first (:func:`bench.scale.write_csv`:
+log-normal user activity, Zipf ``--zipf`` item popularity, ``--groups`` taste groups, ``--seed``)
+into the temporary folder and runs on it; the JSON line then carries its shape as ``log``.
 
 Progress goes to stderr; the last stdout line is one JSON object::
 
-    {"seconds": {"ingest": s, …, "promote": s, "total": s}, "candidate": {"val": {…}, "test": {…}},
+    {"seconds": {"ingest": s, …, "promote": s, "total": s}, "peak_rss_mb": {"ingest": mb, …,
+     "run": mb}, "candidate": {"val": {…}, "test": {…}, "test_ci95": {…}}, "sample": {…},
      "random": {"test": {…}}, "full": {"test": {…}}, "fidelity": f, "promoted": bool,
      "reasons": [...], "selection_metric": "ndcg@10", "distill": {...}, "loadavg": [...]}
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -61,16 +69,38 @@ def workspace(root: Path, params: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--input", required=True, type=Path, help="interactions file")
+    source_arg = ap.add_mutually_exclusive_group(required=True)
+    source_arg.add_argument("--input", type=Path, help="interactions file")
+    source_arg.add_argument("--generate", metavar="USERS,ITEMS,ROWS",
+                            help="generate a log of this shape first (bench.scale.write_csv)")
+    ap.add_argument("--zipf", type=float, default=0.9, help="item popularity exponent")
+    ap.add_argument("--groups", type=int, default=50, help="taste groups")
+    ap.add_argument("--min-user-rows", type=int, default=0, help="rows of the least active user")
+    ap.add_argument("--seed", type=int, default=0, help="generator seed")
     ap.add_argument("--params", type=Path, default=REPO / "params.yaml",
                     help="params file (default: the shipped params.yaml)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary workspace")
     args = ap.parse_args(argv)
-    source = args.input.resolve()
-    if not source.is_file():
-        ap.error(f"{source}: no such file")
+    shape = None
+    if args.generate:
+        try:
+            users, items, rows = (int(v) for v in args.generate.split(","))
+        except ValueError:
+            ap.error(f"--generate {args.generate!r}: expected USERS,ITEMS,ROWS (integers)")
+    else:
+        source = args.input.resolve()
+        if not source.is_file():
+            ap.error(f"{source}: no such file")
     root = Path(tempfile.mkdtemp(prefix="infrec-bench-pipeline-"))
     try:
+        if args.generate:
+            from bench.scale import write_csv
+
+            source = root / "log.csv"
+            t_gen = time.perf_counter()
+            shape = write_csv(source, n_users=users, n_items=items, rows=rows, seed=args.seed,
+                              groups=args.groups, zipf=args.zipf, min_user_rows=args.min_user_rows)
+            sys.stderr.write(f"generated {shape} in {time.perf_counter() - t_gen:.1f}s\n")
         ws = workspace(root, args.params)
         load_start = os.getloadavg()
         t0 = time.perf_counter()
@@ -78,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
                                str(source)], cwd=ws, env=_env(), stdout=subprocess.PIPE,
                               stderr=sys.stderr, text=True)
         total = time.perf_counter() - t0
+        run_peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         sys.stderr.write(proc.stdout)
         if proc.returncode != 0:
             raise SystemExit(f"infrec run failed with exit code {proc.returncode}")
@@ -88,20 +119,29 @@ def main(argv: list[str] | None = None) -> dict:
             env=_env(), capture_output=True, text=True, check=True).stdout)
         seconds = _seconds(proc.stdout)
         seconds["total"] = round(total, 1)
+        peak = _line_figures(proc.stdout, "peak RSS MB (after each stage): ")
+        peak["run"] = round(run_peak_mb, 1)
         last = status["last_run"]
         metric = evaluation["summary"]["metric"]
         result = {
             "seconds": seconds,
+            "peak_rss_mb": peak,
+            "log": shape,
             "candidate": {"val": evaluation["candidate"]["val"],
-                          "test": evaluation["candidate"]["test"]},
+                          "test": evaluation["candidate"]["test"],
+                          "test_ci95": evaluation["candidate"].get("test_ci95")},
+            "sample": evaluation.get("sample"),
             "random": {"test": evaluation["random_users"]["test"]},
             "full": {"test": evaluation["reference"]["test"],
                      "description": evaluation["reference"]["description"]},
+            "ease": {"test": evaluation["ease"]["test"],
+                     "description": evaluation["ease"].get("description")},
             "fidelity": evaluation["summary"]["fidelity"],
             "promoted": bool(last and last["promoted"]),
             "reasons": last["reasons"] if last else [],
             "selection_metric": metric,
-            "distill": {k: distill[k] for k in ("budget", "best_step", "steps_run", "lambda")},
+            "distill": {k: distill.get(k) for k in ("budget", "best_step", "steps_run", "lambda",
+                                                    "coverage", "eval_users")},
             "loadavg": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
         }
     finally:
@@ -115,9 +155,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _seconds(stdout: str) -> dict[str, float]:
     """The ``seconds: ingest 1.0, distill …`` line `infrec run` prints."""
-    line = next(ln for ln in stdout.splitlines() if ln.startswith("seconds: "))
-    out = {}
-    for part in line[len("seconds: "):].split(", "):
+    return _line_figures(stdout, "seconds: ")
+
+
+def _line_figures(stdout: str, prefix: str) -> dict[str, float]:
+    """``{name: value}`` of the ``<prefix>name 1.0, name 2.0`` line `infrec run` prints."""
+    line = next((ln for ln in stdout.splitlines() if ln.startswith(prefix)), None)
+    out: dict[str, float] = {}
+    for part in ([] if line is None else line[len(prefix):].split(", ")):
         name, value = part.rsplit(" ", 1)
         out[name] = float(value)
     return out

@@ -87,15 +87,25 @@ class PeakRSS:
 # synthetic file
 
 
-def write_csv(path: Path, *, n_users: int, n_items: int, rows: int, seed: int = 0, groups: int = 50) -> dict:
-    """A long-tailed synthetic interaction log as CSV; vectorised, deterministic for ``seed``."""
+def write_csv(path: Path, *, n_users: int, n_items: int, rows: int, seed: int = 0, groups: int = 50,
+              zipf: float = 0.9, min_user_rows: int = 0) -> dict:
+    """A long-tailed synthetic interaction log as CSV; vectorised, deterministic for ``seed``.
+
+    Netflix-/Amazon-shaped: log-normal user activity (σ = 1; every user at least
+    ``min_user_rows`` rows, so ``rows`` grows by the few users raised), Zipf item popularity
+    (``rank^-zipf``), half of each user's picks from their taste group's own order of the same
+    popularity curve (``groups`` groups). Duplicates occur, as in real logs.
+    """
     import polars as pl
 
     rng = np.random.default_rng(seed)
     activity = rng.lognormal(0.0, 1.0, n_users)  # long-tailed user activity
     counts = rng.multinomial(rows, activity / activity.sum())
+    if min_user_rows:
+        counts = np.maximum(counts, min_user_rows)
+        rows = int(counts.sum())
     users = np.repeat(np.arange(n_users, dtype=np.int64), counts)
-    cdf = np.cumsum(np.arange(1, n_items + 1, dtype=np.float64) ** -0.9)  # item popularity by rank
+    cdf = np.cumsum(np.arange(1, n_items + 1, dtype=np.float64) ** -float(zipf))  # popularity by rank
     ranks = np.minimum(np.searchsorted(cdf / cdf[-1], rng.random(rows), side="right"), n_items - 1)
     # row 0: the global item order; row g+1: taste group g's own order of the same popularity curve
     perms = np.argsort(rng.random((groups + 1, n_items)), axis=1)
@@ -114,7 +124,10 @@ def write_csv(path: Path, *, n_users: int, n_items: int, rows: int, seed: int = 
     )
     del users, items, order
     frame.write_csv(path)
-    return {"rows": rows, "users": int((counts > 0).sum()), "bytes": path.stat().st_size}
+    return {"rows": rows, "users": int((counts > 0).sum()), "items": n_items, "zipf": zipf,
+            "groups": groups, "seed": seed, "bytes": path.stat().st_size,
+            "user_rows": {"mean": round(float(counts.mean()), 1), "min": int(counts.min()),
+                          "max": int(counts.max())}}
 
 
 # --------------------------------------------------------------------------------------------

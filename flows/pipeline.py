@@ -16,6 +16,7 @@ itself worked) with a message naming the failing gates and the tag ``rejected``;
 
 from __future__ import annotations
 
+import resource
 import time
 from typing import Any
 
@@ -23,6 +24,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 from prefect.states import Completed
 
+from tasks import stop
 from tasks.concurrency import writer_lock
 from tasks.distill import distill_task
 from tasks.evaluate import evaluate_task
@@ -30,7 +32,7 @@ from tasks.fit import fit_task
 from tasks.ingest import ingest_task
 from tasks.params import Params
 from tasks.promote import promote_task
-from tasks.recovery import recover, tag_flow_run
+from tasks.recovery import cancellable, recover, tag_flow_run
 from tasks.register import register_task, unchanged_task
 from tasks.registry import git_commit
 from tasks.report import failing_gates, outcome, publish_report_task
@@ -39,16 +41,20 @@ from tasks.version import version_task
 
 
 @flow(name="infrec-pipeline", log_prints=False)
+@cancellable
 def pipeline(params: Params):
     flow_run_id = str(flow_run.id or "local")
     tag_flow_run(flow_run_id, [flow_run_tag()])  # so that a crash is recognised at the next start
     lineage: dict[str, Any] = {"flow_run_id": flow_run_id, "git_commit": git_commit()}
     seconds: dict[str, float] = {}
+    peak_rss: dict[str, float] = {}  # the process's peak resident set so far, after each stage
 
     def timed(name: str, fn, *args):
+        stop.check_before(name)
         t0 = time.perf_counter()
         out = fn(*args)
         seconds[name] = round(time.perf_counter() - t0, 3)
+        peak_rss[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         return out
 
     with writer_lock(params):
@@ -75,7 +81,7 @@ def pipeline(params: Params):
                 "distill": summary["report"], **promoted,
             }
 
-    result = {**result, "flow_run_id": flow_run_id, "seconds": seconds}
+    result = {**result, "flow_run_id": flow_run_id, "seconds": seconds, "peak_rss_mb": peak_rss}
     publish_report_task(result)
     state = outcome(result).lower()
     tag_flow_run(flow_run_id, [state])

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from infrec.common import fail, guarded, load, locked, params_option, prefect_api
+from infrec.common import fail, guarded, load, locked, params_option, prefect_api, stoppable
 
 
 def _metric_line(test: dict[str, float]) -> str:
@@ -86,8 +86,9 @@ def run(
     from flows.pipeline import run_pipeline
 
     _quiet_input_errors()
-    with prefect_api(p):
-        result = guarded(run_pipeline, p)
+    with stoppable("infrec run", p):  # SIGTERM/SIGINT: the flow ends Cancelled, exit 143/130
+        with prefect_api(p):
+            result = guarded(run_pipeline, p)
     _print_result(result)
 
 
@@ -124,6 +125,10 @@ def _print_result(result: dict[str, Any]) -> None:
     seconds = result.get("seconds") or {}
     if seconds:
         typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    peak = result.get("peak_rss_mb") or {}
+    if peak:
+        typer.echo("peak RSS MB (after each stage): "
+                   + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
 
 
 def _parse_history(text: str) -> list[int]:
@@ -267,7 +272,7 @@ def promote(
     target = version.strip().lstrip("v")
     if not target.isdigit():
         fail(f"VERSION: expected a model version number, got {version[:40]!r}")
-    with locked(p, wait):
+    with stoppable("infrec promote", defer="promote"), locked(p, wait):
         result = guarded(promote_version, p, target, force, reason)
     for line in result["verdict"].reasons:
         typer.echo(f"  {line}")
@@ -329,6 +334,11 @@ def status(
             typer.echo(f"  {line}")
     else:
         typer.echo("last version:     none")
+    run = info.get("last_pipeline_run")
+    if run:
+        name = run.get("flow_run_name") or "-"
+        typer.echo(f"last run:         {run['outcome']} — {run['message']} (flow run {name} "
+                   f"{run.get('flow_run_id') or ''}, ended {run.get('ended')})")
 
 
 def _status(p) -> dict[str, Any]:
@@ -364,9 +374,11 @@ def _status(p) -> dict[str, Any]:
                     "gate_passed": tags.get("gate.passed") == "true",
                     "reasons": reasons.splitlines() if decided else ["no gate verdict recorded"],
                     "aliases": aliases, "test": s["test"]}
+    from tasks.recovery import last_run as last_pipeline_run
+
     return {"state_dir": str(p.state_path()), "tracking_uri": redact(uri), "model_name": name,
             "prefect_api": _prefect_api(p), "dvc_remote": _dvc_remote(), "champion": champion,
-            "last_run": last_run}
+            "last_run": last_run, "last_pipeline_run": last_pipeline_run(p.state_path())}
 
 
 def _prefect_api(p) -> str:

@@ -26,7 +26,7 @@ from typing import Optional
 
 import typer
 
-from infrec.common import PARAMS_HELP, fail, guarded, load
+from infrec.common import PARAMS_HELP, fail, guarded, load, stoppable
 
 
 def _parse_ints(text: Optional[str], option: str) -> Optional[list[int]]:
@@ -106,21 +106,24 @@ def sweep(
                    "target_batch": d.target_batch, "lambdas": tuple(p.fit.summary_lambdas),
                    "select_metric": metric, "depth": depth or p.fit.depth}
         out_dir = out or p.state_path() / "sweeps" / time.strftime("%Y%m%d-%H%M%S")
-        result = guarded(
-            run_summary_sweep, data, out_dir, chosen, _parse_ints(budgets, "--budgets"),
-            _parse_ints(seeds, "--seeds"), address=address, workers=workers,
-            processes=processes, options=options, select_metric=metric)
+        with stoppable("infrec sweep"):
+            result = guarded(
+                run_summary_sweep, data, out_dir, chosen, _parse_ints(budgets, "--budgets"),
+                _parse_ints(seeds, "--seeds"), address=address, workers=workers,
+                processes=processes, options=options, select_metric=metric)
     else:
         from flows.sweep import run_lambda_sweep
 
         grid = _parse_floats(lambdas, "--lambdas")
         if grid is None:
             grid = p.fit.summary_lambdas if support is not None else p.fit.lambdas
-        result = guarded(
-            run_lambda_sweep, data, grid, address=address, workers=workers, processes=processes,
-            depth=depth or p.fit.depth, support_path=str(support.resolve()) if support else None,
-            user_support=user_support, seed=seed, batch_size=p.fit.batch_size,
-            select_metric=metric)
+        with stoppable("infrec sweep"):
+            result = guarded(
+                run_lambda_sweep, data, grid, address=address, workers=workers,
+                processes=processes, depth=depth or p.fit.depth,
+                support_path=str(support.resolve()) if support else None,
+                user_support=user_support, seed=seed, batch_size=p.fit.batch_size,
+                select_metric=metric)
     typer.echo(json.dumps(result))
 
 

@@ -118,7 +118,8 @@ def serve(
             Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
             from tasks.runtime import start_child
 
-            server = start_child(server_command(server_port), env=env, stdin=subprocess.DEVNULL)
+            server = start_child(server_command(server_port), env=env, stdin=subprocess.DEVNULL,
+                                 start_new_session=True)  # outlives our group's SIGTERM: see finally
             try:
                 wait_healthy(url, startup_timeout, process=server)
             except (TimeoutError, RuntimeError) as exc:

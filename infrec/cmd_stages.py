@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import typer
 
-from infrec.common import fail, guarded, load, locked, params_option, say_err
+from infrec.common import fail, guarded, load, locked, params_option, say_err, stoppable
 
 QUIET_HELP = "No progress lines on stderr."
 
@@ -30,7 +30,8 @@ def generate(params: Optional[Path] = params_option(),
     """Write the embedded default data set (generate.*) to <state_dir>/data/raw/."""
     from tasks.generate import run
 
-    _done(guarded(run, load(params), log=say_err(quiet)))
+    with stoppable("infrec generate", defer="generate"):
+        _done(guarded(run, load(params), log=say_err(quiet)))
 
 
 def ingest(params: Optional[Path] = params_option(),
@@ -39,7 +40,8 @@ def ingest(params: Optional[Path] = params_option(),
     binarise, split, re-index → <state_dir>/data/processed."""
     from tasks.ingest import run
 
-    result = guarded(run, load(params), log=say_err(quiet))
+    with stoppable("infrec ingest", defer="ingest"):
+        result = guarded(run, load(params), log=say_err(quiet))
     _done({"counts": result["counts"], "data_version": result["data_version"]})
 
 
@@ -68,7 +70,7 @@ def distill(params: Optional[Path] = params_option(),
             bar["bar"].update(info["step"] - bar["done"])
             bar["done"] = info["step"]
 
-    with stack:
+    with stoppable("infrec distill", defer="distill"), stack:
         result = guarded(run, p, log=say_err(quiet), on_step=on_step)
     _done(result["report"])
 
@@ -79,8 +81,9 @@ def fit(params: Optional[Path] = params_option(),
     evaluate on test, write <state_dir>/model and reports/metrics.json."""
     from tasks.fit import run
 
-    result = guarded(run, load(params), log=say_err(quiet))
-    _done({k: result[k] for k in ("lambda", "val", "test")})
+    with stoppable("infrec fit", defer="fit"):
+        result = guarded(run, load(params), log=say_err(quiet))
+    _done(result["metrics"])
 
 
 def evaluate(params: Optional[Path] = params_option(),
@@ -89,7 +92,8 @@ def evaluate(params: Optional[Path] = params_option(),
     (the gate inputs) → reports/evaluation.json."""
     from tasks.evaluate import run
 
-    _done(guarded(run, load(params), log=say_err(quiet))["summary"])
+    with stoppable("infrec evaluate", defer="evaluate"):
+        _done(guarded(run, load(params), log=say_err(quiet))["summary"])
 
 
 def version(params: Optional[Path] = params_option(),
@@ -100,7 +104,7 @@ def version(params: Optional[Path] = params_option(),
     p = load(params)
     if not p.versioning.enabled:
         fail("versioning.enabled is false in the params: nothing to version")
-    with locked(p):
+    with stoppable("infrec version", defer="version"), locked(p):
         _done(guarded(run, p, log=say_err(quiet)))
 
 
@@ -113,7 +117,7 @@ def register_cmd(params: Optional[Path] = params_option(),
 
     p = load(params)
     guarded(check, p)
-    with locked(p):
+    with stoppable("infrec register", defer="register"), locked(p):
         lineage: dict[str, Any] = {}
         if p.versioning.enabled:
             from tasks.dvc import find_version, lock_outputs, read_lock

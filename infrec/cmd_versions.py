@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from infrec.common import fail, guarded, load, locked, params_option
+from infrec.common import fail, guarded, load, locked, params_option, stoppable
 
 
 def versions(
@@ -68,7 +68,7 @@ def rollback(
     if force and not (reason and reason.strip()):
         fail("--force needs --reason (it is recorded with who forced the rollback)")
     p = load(params)
-    with locked(p, wait):
+    with stoppable("infrec rollback", defer="rollback"), locked(p, wait):
         event = guarded(do_rollback, p, version, reason, force=force)
     refit = " (refitted: no gate-passed model was trained on it)" if event["refitted"] else ""
     forced = " FORCED" if event["forced"] else ""

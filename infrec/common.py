@@ -34,17 +34,67 @@ def fail(message: str, code: int = 2) -> None:
 def guarded(fn, *args, **kwargs):
     """Call ``fn``; bad input (``InputError``), a refused lock wait or a DVC/git failure becomes
     one line and exit code 2 (no traceback)."""
+    from tasks import stop
     from tasks.dvc import VersioningError
     from tasks.errors import InputError
 
     try:
         return fn(*args, **kwargs)
-    except InputError as exc:
+    except (InputError, VersioningError, TimeoutError) as exc:
+        if stop.requested():  # e.g. a DVC child killed by the same signal: `stoppable` says it
+            raise
+        if isinstance(exc, TimeoutError):
+            fail(f"{exc} (another infrec run, rollback or promotion holds the writer lock)")
         fail(str(exc))
-    except VersioningError as exc:
-        fail(str(exc))
-    except TimeoutError as exc:
-        fail(f"{exc} (another infrec run, rollback or promotion holds the writer lock)")
+
+
+@contextmanager
+def stoppable(what: str, params=None, defer: Optional[str] = None) -> Iterator[None]:
+    """SIGTERM/SIGINT end the command in this block (at once, or — inside ``defer``'s region
+    and the pipeline flow — at the next safe point, :mod:`tasks.stop`): one line saying what was
+    interrupted and that nothing was promoted, exit code 143 (SIGTERM) or 130 (SIGINT).
+    ``params``: the run's, whose ``last_run.json`` names the interrupted flow run."""
+    from tasks import stop
+
+    try:
+        with stop.handling(), (stop.deferred(defer) if defer else _nothing()):
+            yield
+    except (typer.Exit, SystemExit):
+        raise
+    except BaseException as exc:
+        if not (stop.requested() or isinstance(exc, KeyboardInterrupt)):
+            raise
+        fail(_stopped_line(what, params, exc), code=stop.exit_code() if stop.requested() else 130)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _stopped_line(what: str, params, exc: BaseException) -> str:
+    from tasks import stop
+
+    signum = stop.received() or 2
+    record = None
+    if params is not None:
+        from tasks.recovery import last_run
+
+        record = last_run(params.state_path())
+        if record and record.get("pid") != os.getpid():
+            record = None  # an earlier run's
+    if record and record.get("outcome") != "interrupted":  # the signal came after the flow ended
+        return (f"interrupted: {what} stopped by {stop.signal_name(signum)} after its run ended "
+                f"({record['outcome']}: {record['message']})")
+    if record:
+        run = record.get("flow_run_name") or record.get("flow_run_id")
+        state = ("Cancelled" if record.get("prefect_recorded", True) else
+                 "Prefect API unreachable, the next run marks it Crashed")
+        return (f"interrupted: {what} {record['message']} (flow run {run}: {state}); its "
+                "lock is released and nothing half-written is left")
+    where = exc.where if isinstance(exc, stop.Interrupted) and exc.where else None
+    return (f"interrupted: {what} stopped by {stop.signal_name(signum)}"
+            + (f" during {where}" if where else "") + "; nothing was promoted")
 
 
 def params_option() -> Any:
@@ -196,8 +246,10 @@ def prefect_api(params, startup_timeout: float = 120.0) -> Iterator[str]:
     env = server_environment(params.state_path(), port)
     Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     log_file = open(Path(env["PREFECT_HOME"]) / "temporary-server.log", "ab")
+    # its own session: a SIGTERM/SIGINT to our process group (a scheduler, Ctrl-C) does not stop
+    # it before the flow has reported how it ended; we stop it below (or it dies with us)
     server = start_child(server_command(port, ui=False), env=env, stdin=open(os.devnull),
-                         stdout=log_file, stderr=log_file)
+                         stdout=log_file, stderr=log_file, start_new_session=True)
     try:
         wait_healthy(url, startup_timeout, process=server)
         os.environ[TEMPORARY_SERVER_ENV] = "1"
@@ -242,4 +294,5 @@ def using_api(url: str) -> Iterator[None]:
             os.environ["PREFECT_API_URL"] = before
 
 
-__all__ = ["fail", "guarded", "load", "params_option", "prefect_api", "PARAMS_HELP"]
+__all__ = ["fail", "guarded", "stoppable", "load", "params_option", "prefect_api",
+           "PARAMS_HELP"]

@@ -9,6 +9,7 @@ HR@100 as in the paper) from a grid reaching ≥ 1000 (tuned that way EASE is sl
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -16,7 +17,7 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
 
-from models.infinite_ae import EvalSet, check_select_metric, evaluate_score_batches
+from models.infinite_ae import EvalSet, batch_rows, check_select_metric, evaluate_score_batches
 
 EASE_LAMBDAS: tuple[float, ...] = (1.0, 10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
 
@@ -32,23 +33,45 @@ class PopRec:
         return cls(counts=np.asarray(train.sum(axis=0)).ravel().astype(np.float32))
 
     def iter_scores(self, histories: Any, batch_size: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
+        batch_size = batch_rows(batch_size, self.counts.size)
         for start in range(0, histories.shape[0], batch_size):
             b = min(batch_size, histories.shape[0] - start)
             yield start, np.broadcast_to(self.counts, (b, self.counts.size)).copy()
 
 
+# score of the items an EASE fitted on part of the catalogue does not model: below every real
+# score, above masked (−∞) ones
+UNMODELLED_SCORE = np.float32(-3.0e38)
+
+
 @dataclass
 class EASE:
-    """A fitted EASE item-item model."""
+    """A fitted EASE item-item model (on every item, or on the catalogue's columns ``items``)."""
 
-    weights: np.ndarray  # m × m, zero diagonal
+    weights: np.ndarray  # N × N, zero diagonal (N = m, or len(items))
     lam: float
+    items: np.ndarray | None = None  # the modelled columns (sorted); None: every item
+    n_items: int | None = None  # the catalogue's size (with ``items``)
+
+    @property
+    def n_items_fitted(self) -> int:
+        return self.weights.shape[0]
 
     def iter_scores(self, histories: Any, batch_size: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
+        """Scores of row batches; with ``items``, items outside them get :data:`UNMODELLED_SCORE`
+        (histories are read on the modelled items only)."""
+        batch_size = batch_rows(batch_size, self.n_items or self.n_items_fitted)
         for start in range(0, histories.shape[0], batch_size):
             h = histories[start : start + batch_size]
+            if self.items is not None:
+                h = h[:, self.items]
             h = h.toarray() if sp.issparse(h) else np.asarray(h)
-            yield start, h.astype(np.float32) @ self.weights
+            scores = h.astype(np.float32) @ self.weights
+            if self.items is not None:
+                full = np.full((scores.shape[0], self.n_items), UNMODELLED_SCORE, dtype=np.float32)
+                full[:, self.items] = scores
+                scores = full
+            yield start, scores
 
 
 def ease_weights(gram: np.ndarray, lam: float) -> np.ndarray:
@@ -66,28 +89,38 @@ def fit_ease_select(
     val: EvalSet,
     lambdas: Iterable[float] = EASE_LAMBDAS,
     select_metric: str = "hr@100",
-    on_lambda: Callable[[float, dict[str, float]], None] | None = None,
+    on_lambda: Callable[[float, dict[str, float], float], None] | None = None,
+    *,
+    items: np.ndarray | None = None,
 ) -> tuple[EASE, list[dict[str, Any]]]:
     """Fit EASE for each λ and keep the best on validation ``select_metric``.
 
     ``select_metric``: any of :data:`models.metrics.METRIC_KEYS` (ties keep the first λ).
-    Returns the best model and the path ``[{"lambda", "val"}]`` (all metrics of every λ).
+    ``items``: fit on these columns only (sorted ids; the item × item inverse is then
+    ``len(items)``² instead of m²); the others score lowest. ``on_lambda(λ, metrics, seconds)``
+    after each λ. Returns the best model and the path ``[{"lambda", "val"}]``.
     """
     check_select_metric(select_metric, val)
     lambdas = list(lambdas)
     if not lambdas:
         raise ValueError("the λ grid is empty")
     x = sp.csr_matrix(train, dtype=np.float32)
+    n_items = x.shape[1]
+    if items is not None:
+        items = np.asarray(items, dtype=np.int64)
+        x = x[:, items]
     gram = (x.T @ x).toarray()
     best: EASE | None = None
     best_value = -math.inf
     path = []
     for lam in lambdas:
-        model = EASE(weights=ease_weights(gram, lam), lam=float(lam))
+        started = time.perf_counter()
+        model = EASE(weights=ease_weights(gram, lam), lam=float(lam), items=items,
+                     n_items=n_items if items is not None else None)
         metrics = evaluate_score_batches(model.iter_scores(val.context), val)
         path.append({"lambda": float(lam), "val": metrics})
         if on_lambda is not None:
-            on_lambda(float(lam), metrics)
+            on_lambda(float(lam), metrics, time.perf_counter() - started)
         if metrics[select_metric] > best_value:
             best, best_value = model, metrics[select_metric]
     assert best is not None

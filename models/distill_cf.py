@@ -434,14 +434,15 @@ def _validate(support: np.ndarray, val: EvalSet, config: DistillConfig
               ) -> tuple[float, dict[str, float], list[tuple[float, float]]]:
     """∞-AE on ``support``, λ chosen on validation ``config.select_metric``.
 
-    Returns ``(best λ, its validation metrics, [(λ, value of the selection metric)] for the grid)``.
+    Returns ``(best λ, its validation metrics, [(λ, value of the selection metric)] for the grid)``
+    (value None for a λ skipped because ``K + λ̃I`` could not be made definite).
     Only the kept λ needs every metric: the others are ranked for the selection metric alone.
     """
     metric = config.select_metric
     model, path = fit_select(support, val, config.lambdas, config.kernel,
                              select_metric=metric, path_metrics=(metric,))
     best = next(p for p in path if p.lam == model.lam)
-    return model.lam, best.val, [(p.lam, p.val[metric]) for p in path]
+    return model.lam, best.val, [(p.lam, p.val.get(metric)) for p in path]
 
 
 def distill(

@@ -21,6 +21,7 @@ import collections
 import functools
 import math
 import os
+import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +40,15 @@ SUMMARY_LAMBDAS: tuple[float, ...] = (1e-5, 1e-3, 0.1, 1.0, 5.0, 50.0)
 STABILISING_JITTER = 1e-4
 # history batches sparser than this are multiplied in sparse form (else densified for BLAS)
 SPARSE_DOT_MAX_DENSITY = 0.005
+# a batch of scores (rows × items, float32) stays under this size: wide catalogues score fewer
+# users at a time, so memory does not grow with the catalogue (ML-1M's 3,706 items: no change)
+SCORE_BATCH_BYTES = 256 * 2**20
+
+
+def batch_rows(batch_size: int, n_items: int) -> int:
+    """``batch_size``, lowered so that one batch of scores stays under :data:`SCORE_BATCH_BYTES`
+    (at least 16 rows)."""
+    return max(16, min(int(batch_size), SCORE_BATCH_BYTES // (4 * max(int(n_items), 1))))
 
 
 def check_select_metric(select_metric: str, data: "EvalSet | None" = None) -> str:
@@ -134,8 +144,10 @@ class InfAE:
         return _matmul(self.cross_kernel(histories), self.alpha)
 
     def iter_scores(self, histories: Any, batch_size: int = 2048) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(start_row, scores)`` over row batches so memory stays bounded."""
+        """Yield ``(start_row, scores)`` over row batches so memory stays bounded (at most
+        ``batch_size`` rows, fewer for a wide catalogue: :func:`batch_rows`)."""
         n = histories.shape[0]
+        batch_size = batch_rows(batch_size, self.n_items)
         for start in range(0, n, batch_size):
             yield start, self.scores(histories[start : start + batch_size])
 
@@ -149,6 +161,7 @@ class InfAE:
         ``H − X`` is sparse: exact (integer-valued for binary data), without the n × m × n product.
         """
         n = self.support.shape[0]
+        batch_size = batch_rows(batch_size, self.n_items)
         if histories.shape != self.support.shape:
             raise ValueError(f"histories are {histories.shape[0]} × {histories.shape[1]}, the support "
                              f"{n} × {self.n_items}: row i must be support user i")
@@ -199,25 +212,86 @@ def solve_alpha(kernel: np.ndarray, targets: np.ndarray, lam: float, *,
                 workspace: SolveWorkspace | None = None) -> tuple[np.ndarray, float]:
     """α = (K + λ̃ I)⁻¹ X by Cholesky; returns ``(α, λ̃ used)``.
 
-    If ``K + λ̃I`` is numerically singular (λ = 0 on duplicate support rows, say), λ̃ is raised to
-    ``STABILISING_JITTER · trace(K)/n`` with a :class:`SingularKernelWarning`; never NaN.
+    When ``K + λ̃I`` is not numerically positive definite in float32, :func:`solve_alpha_info`'s
+    ladder stabilises it (a :class:`SingularKernelWarning` says how); never NaN. Past the ladder
+    :class:`UnstableLambdaError` (a ``LinAlgError``) says which shifts were tried.
     ``workspace`` lends reusable buffers (a λ grid then allocates nothing per λ).
     """
+    alpha, shift, how = solve_alpha_info(kernel, targets, lam, workspace=workspace)
+    if how is not None:
+        warnings.warn(_stabilised_message(kernel, lam, shift, how), SingularKernelWarning,
+                      stacklevel=2)
+    return alpha, shift
+
+
+def _stabilised_message(kernel: np.ndarray, lam: float, shift: float, how: str) -> str:
+    n = kernel.shape[0]
+    return (f"K + λ̃I is not positive definite in float32 at λ={lam:g} (λ̃="
+            f"{scaled_lambda(kernel, lam):.3g}, kernel {n} × {n}): "
+            + ("solved in float64 at the same λ̃" if how == "float64"
+               else f"stabilised with λ̃={shift:.3g}"))
+
+
+def solve_alpha_info(kernel: np.ndarray, targets: np.ndarray, lam: float, *,
+                     workspace: SolveWorkspace | None = None
+                     ) -> tuple[np.ndarray, float, str | None]:
+    """:func:`solve_alpha` without the warning: ``(α, λ̃ used, how)``.
+
+    The ladder, first success kept: float32 Cholesky at λ̃ (``how`` None); float64 at the same
+    λ̃ (``"float64"``: float32's rounding in the factorisation, not K, was the problem — measured
+    on near-duplicate support rows, where K's smallest eigenvalue is ≈ 0 and float32 Cholesky
+    breaks down at λ = 1e-5 while float64 does not); then λ̃ raised (``"shift"``) to
+    ``STABILISING_JITTER · t`` (``t = trace(K)/n``) and ×10 at a time up to ``STABILISING_MAX · t``,
+    in float64. λ = 0 on a singular K (duplicate rows) goes straight to the shifts.
+    """
     lam_scaled = scaled_lambda(kernel, lam)
-    jitter = STABILISING_JITTER * float(np.trace(kernel, dtype=np.float64)) / kernel.shape[0]
-    for attempt in range(2):
-        alpha = _cholesky_solve(kernel, targets, lam_scaled, workspace)
-        if alpha is not None and np.all(np.isfinite(alpha)):
-            return alpha, lam_scaled
-        if attempt == 0:
-            warnings.warn(
-                f"K + λ̃I is singular at λ={lam:g} (duplicate support rows?): "
-                f"stabilised with λ̃={max(lam_scaled, jitter):.3g}",
-                SingularKernelWarning,
-                stacklevel=2,
-            )
-            lam_scaled = max(lam_scaled, jitter) if lam_scaled < jitter else lam_scaled * 10
-    raise np.linalg.LinAlgError(f"K + λ̃I is not positive definite even at λ̃={lam_scaled:g}")
+    alpha = _cholesky_solve(kernel, targets, lam_scaled, workspace)
+    if alpha is not None and np.all(np.isfinite(alpha)):
+        return alpha, lam_scaled, None
+    scale = float(np.trace(kernel, dtype=np.float64)) / kernel.shape[0]
+    shifts = stabilising_shifts(lam_scaled, scale)
+    k64 = np.asarray(kernel, dtype=np.float64)
+    x64 = np.asarray(targets, dtype=np.float64)
+    for attempt, shift in enumerate(shifts):
+        if attempt == 0 and lam_scaled == 0.0:
+            continue  # λ = 0 failed: K itself is singular, more precision will not help
+        alpha = spd_solve(k64, x64, shift=shift)
+        if alpha is not None:
+            return alpha.astype(np.float32), shift, "float64" if attempt == 0 else "shift"
+    raise UnstableLambdaError(lam, shifts, kernel.shape[0])
+
+
+# relative λ̃ bound (× trace(K)/n) up to which a failing λ is stabilised; beyond it, skipped
+STABILISING_MAX = 1e-1
+
+
+def stabilising_shifts(lam_scaled: float, scale: float) -> list[float]:
+    """λ̃, then the raised shifts :func:`solve_alpha` tries when ``K + λ̃I`` is not definite."""
+    shifts = [float(lam_scaled)]
+    jitter, bound = STABILISING_JITTER * scale, STABILISING_MAX * scale
+    shift = jitter if lam_scaled < jitter else lam_scaled * 10.0
+    while shift <= bound * (1 + 1e-9) and scale > 0:
+        shifts.append(shift)
+        shift *= 10.0
+    return shifts
+
+
+class UnstableLambdaError(np.linalg.LinAlgError):
+    """``K + λ̃I`` stayed not positive definite at every shift tried for one λ."""
+
+    def __init__(self, lam: float, shifts: list[float], n: int) -> None:
+        self.lam, self.shifts, self.n = float(lam), list(shifts), int(n)
+        tried = ", ".join(f"{s:.3g}" for s in shifts)
+        super().__init__(f"K + λ̃I is not positive definite at λ={lam:g} (kernel {n} × {n}; "
+                         f"λ̃ tried: {tried})")
+
+
+class LambdaGridError(ValueError):
+    """Every λ of a grid failed (:class:`UnstableLambdaError` for each)."""
+
+
+class SkippedLambdaWarning(UserWarning):
+    """One λ of a grid could not be solved at any stabilising shift and was skipped."""
 
 
 @dataclass
@@ -278,11 +352,27 @@ class EvalSet:
     weights: np.ndarray  # PSP item weights
     negatives: np.ndarray | None = None  # users × 50 item ids for AUC
     seen: sp.csr_matrix | None = None  # defaults to context
+    rows: np.ndarray | None = None  # a user sample: the row of each user in the full set
+    population: int | None = None  # a user sample: users with targets in the full set
 
     def __post_init__(self) -> None:
         self.context = sp.csr_matrix(self.context, dtype=np.float32)
         self.targets = sp.csr_matrix(self.targets)
         self.seen = self.context if self.seen is None else sp.csr_matrix(self.seen)
+
+    @property
+    def n_users(self) -> int:
+        """Users evaluated (those with at least one target)."""
+        return int((np.diff(self.targets.indptr) > 0).sum())
+
+    def subset(self, rows: np.ndarray | None) -> "EvalSet":
+        """The same evaluation restricted to users ``rows`` (sorted row ids); ``None``: itself."""
+        if rows is None:
+            return self
+        rows = np.asarray(rows, dtype=np.int64)
+        return EvalSet(context=self.context[rows], targets=self.targets[rows], weights=self.weights,
+                       negatives=None if self.negatives is None else self.negatives[rows],
+                       seen=self.seen[rows], rows=rows, population=self.n_users)
 
 
 # batches ranked at once by evaluate_score_batches (NumPy's partition/sort release the GIL)
@@ -291,7 +381,8 @@ EVAL_THREADS = max(1, min(2, os.cpu_count() or 1))
 
 def evaluate_score_batches(batches: Iterable[tuple[int, np.ndarray]], data: EvalSet, k_max: int = 100,
                            *, threads: int | None = None,
-                           metrics: Iterable[str] | None = None) -> dict[str, float]:
+                           metrics: Iterable[str] | None = None,
+                           stats: dict[str, Any] | None = None) -> dict[str, float]:
     """Metrics from ``(start_row, scores)`` batches of a scorer over ``data``'s users.
 
     Each batch is ranked and scored on its own (``threads`` at a time, the next batch being made
@@ -303,6 +394,9 @@ def evaluate_score_batches(batches: Iterable[tuple[int, np.ndarray]], data: Eval
     (:func:`evaluation_plan`), each value the same as in the full set: ``hr@k`` alone needs the
     unordered top-k sets, metrics at k = 10 alone the sorted top 10, AUC the raw scores of
     targets and negatives. A λ search ranks that little for the λ it does not keep.
+
+    ``stats``: a dict to receive ``users`` (the number evaluated) and ``ci95`` (half-widths of the
+    95% intervals, :meth:`models.metrics.RankingAccumulator.intervals`).
     """
     threads = EVAL_THREADS if threads is None else max(1, int(threads))
     plan = evaluation_plan(metrics, k_max)
@@ -321,7 +415,11 @@ def evaluate_score_batches(batches: Iterable[tuple[int, np.ndarray]], data: Eval
             while pending:
                 acc.merge(pending.popleft().result())
     result = acc.result()
-    return result if metrics is None else {key: result[key] for key in metrics if key in result}
+    result = result if metrics is None else {key: result[key] for key in metrics if key in result}
+    if stats is not None:
+        ci = acc.intervals()
+        stats.update(users=acc.n_users, ci95={key: ci[key] for key in result if key in ci})
+    return result
 
 
 @dataclass(frozen=True)
@@ -372,7 +470,8 @@ def _batch_metrics(start: int, scores: np.ndarray, data: EvalSet,
 
 
 def evaluate(model: InfAE, data: EvalSet, batch_size: int = 1024, *,
-             support_gram: np.ndarray | None = None) -> dict[str, float]:
+             support_gram: np.ndarray | None = None,
+             stats: dict[str, Any] | None = None) -> dict[str, float]:
     """All metrics of ``model`` on ``data`` (batched scoring).
 
     ``support_gram`` (``X Xᵀ`` of the model's support) says that ``data``'s users are the support
@@ -383,39 +482,46 @@ def evaluate(model: InfAE, data: EvalSet, batch_size: int = 1024, *,
         batches = model.iter_scores_of_support_users(data.context, support_gram, batch_size)
     else:
         batches = model.iter_scores(data.context, batch_size)
-    return evaluate_score_batches(batches, data)
+    return evaluate_score_batches(batches, data, stats=stats)
 
 
 def _solve_recording(kernel: np.ndarray, x: np.ndarray, lam: float,
-                     workspace: SolveWorkspace | None = None) -> tuple[np.ndarray, float, bool]:
-    """:func:`solve_alpha`, re-emitting its warnings and saying whether λ̃ was stabilised."""
+                     workspace: SolveWorkspace | None = None) -> tuple[np.ndarray, float, str | None]:
+    """:func:`solve_alpha` (its warning included); returns ``(α, λ̃, how)`` — how it was
+    stabilised (``"float64"``, ``"shift"``) or None."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SingularKernelWarning)
-        alpha, lam_scaled = solve_alpha(kernel, x, lam, workspace=workspace)
+        alpha, lam_scaled, how = solve_alpha_info(kernel, x, lam, workspace=workspace)
+        if how is not None:
+            warnings.warn(_stabilised_message(kernel, lam, lam_scaled, how), SingularKernelWarning)
     for w in caught:
         warnings.warn(w.message, w.category, stacklevel=3)
-    return alpha, lam_scaled, any(issubclass(w.category, SingularKernelWarning) for w in caught)
+    return alpha, lam_scaled, how
 
 
 def _support_scores(x: np.ndarray, alpha: np.ndarray | None, lam_scaled: float,
-                    batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Scores ``K α = X − λ̃ α`` of the support rows themselves (``X`` when ``alpha`` is None).
+                    batch_size: int, rows: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Scores ``K α = X − λ̃ α`` of the support rows themselves (``X`` when ``alpha`` is None),
+    or of the support rows ``rows`` only (a user sample of them, in that order).
 
     Batches are written into a ring of ``EVAL_THREADS + 1`` reused buffers, enough for
     :func:`evaluate_score_batches` (which holds at most ``EVAL_THREADS`` batches while the next
     one is made).
     """
-    n, m = x.shape
+    n = x.shape[0] if rows is None else len(rows)
+    m = x.shape[1]
+    batch_size = batch_rows(batch_size, m)
     ring = [np.empty((min(batch_size, n), m), dtype=np.float32) for _ in range(min(EVAL_THREADS + 1,
                                                                                   -(-n // batch_size)))]
     for i, start in enumerate(range(0, n, batch_size)):
         stop = min(start + batch_size, n)
+        take = slice(start, stop) if rows is None else rows[start:stop]
         out = ring[i % len(ring)][: stop - start]
         if alpha is None:
-            np.copyto(out, x[start:stop])
+            np.copyto(out, x[take])
         else:
-            np.multiply(alpha[start:stop], np.float32(-lam_scaled), out=out)
-            out += x[start:stop]
+            np.multiply(alpha[take], np.float32(-lam_scaled), out=out)
+            out += x[take]
         yield start, out
 
 
@@ -425,6 +531,19 @@ class LambdaResult:
     lam_scaled: float
     val: dict[str, float]
     stabilised: bool = False
+    skipped: bool = False  # no stabilising shift made K + λ̃I definite: not evaluated, not kept
+    seconds: float = 0.0  # solve and validation of this λ
+    how: str | None = None  # stabilised by "float64" (same λ̃) or "shift" (λ̃ raised)
+
+    @property
+    def status(self) -> str:
+        """``ok``; ``stabilised (float64)`` (same λ̃, float64 factorisation); ``stabilised``
+        (λ̃ raised: see ``lam_scaled``); ``skipped``."""
+        if self.skipped:
+            return "skipped"
+        if self.stabilised:
+            return "stabilised (float64)" if self.how == "float64" else "stabilised"
+        return "ok"
 
 
 def fit_select(
@@ -434,6 +553,7 @@ def fit_select(
     config: NTKConfig = NTKConfig(),
     *,
     support_is_val_context: bool = False,
+    val_rows: np.ndarray | None = None,
     select_metric: str = "hr@100",
     batch_size: int = 1024,
     kernel: np.ndarray | None = None,
@@ -446,10 +566,15 @@ def fit_select(
     ties keep the first λ of the grid).
     ``support_is_val_context``: the support rows are exactly ``val.context`` (same users, same
     order) — then validation scores are ``X − λ̃α`` (exact, no extra matrix product).
+    ``val_rows``: ``val.context`` is the support's rows ``val_rows`` (a user sample of the
+    support users, :meth:`EvalSet.subset`) — the same shortcut for those rows.
     ``path_metrics``: the validation metrics reported for every λ (default: all); the kept λ
     always gets all of them, and ``select_metric`` is always among them. The λ not kept are
     ranked only for what these need (:func:`evaluation_plan`: ``("hr@100",)`` the unordered top
     100, ``("ndcg@10",)`` the top 10, no AUC), with the same values as in the full computation.
+    A λ whose ``K + λ̃I`` is not definite even after stabilising (:func:`solve_alpha`) is
+    skipped with a :class:`SkippedLambdaWarning` (``skipped`` in its path entry); when every λ
+    is, :class:`LambdaGridError`.
     Returns the best model and the whole λ path (validation metrics of each λ).
     """
     check_select_metric(select_metric, val)
@@ -457,13 +582,24 @@ def fit_select(
     lambdas = list(lambdas)
     if not lambdas:
         raise ValueError("the λ grid is empty")
+    batch_size = batch_rows(batch_size, x.shape[1])
+    if support_is_val_context and val_rows is None:
+        val_rows = None
+        on_support = True
+    else:
+        on_support = val_rows is not None
+        if on_support:
+            val_rows = np.asarray(val_rows, dtype=np.int64)
+            if len(val_rows) != val.context.shape[0]:
+                raise ValueError(f"val_rows has {len(val_rows)} rows, the validation set "
+                                 f"{val.context.shape[0]}")
     wanted = None if path_metrics is None else list(dict.fromkeys([*path_metrics, select_metric]))
     # ask for less only when that is less work; else every λ gets every metric (no re-scoring)
     reduced = wanted is not None and evaluation_plan(wanted) != evaluation_plan(None)
     if kernel is None:
         kernel = kernel_matrix(x, config)
     cross = None
-    if not support_is_val_context:
+    if not on_support:
         sup_sq = row_sq_norms(x)
         ctx = val.context
 
@@ -477,10 +613,10 @@ def fit_select(
 
     def score_batches(alpha: np.ndarray | None, lam_scaled: float) -> Iterator[tuple[int, np.ndarray]]:
         """Validation scores for one λ (``alpha`` None: λ = 0 on the validation users' support)."""
-        if support_is_val_context:
+        if on_support:
             # K α = X − λ̃ α ; seen (support) items are masked, so the rest ranks by −α. For λ = 0,
             # K K⁻¹ X = X: the scores are the users' own rows (every unseen item ties at 0)
-            return _support_scores(x, alpha, lam_scaled, batch_size)
+            return _support_scores(x, alpha, lam_scaled, batch_size, val_rows)
         source = cross if cross is not None else cross_batches()
         return ((s, _matmul(kb, alpha)) for s, kb in source)
 
@@ -490,17 +626,31 @@ def fit_select(
     best_value = -math.inf
     best_computed: dict[str, float] = {}
     workspace = SolveWorkspace()  # one factor buffer and ≤ 2 α buffers for the whole grid
+    failures: list[UnstableLambdaError] = []
     for lam in lambdas:
+        started = time.perf_counter()
         alpha: np.ndarray | None = None
-        stabilised = False
+        how = None
         lam_scaled = scaled_lambda(kernel, lam)
         # λ = 0 scored on the support needs no solve (exact, above) unless it is the λ kept
-        if not (support_is_val_context and lam_scaled == 0.0):
-            alpha, lam_scaled, stabilised = _solve_recording(kernel, x, lam, workspace)
+        if not (on_support and lam_scaled == 0.0):
+            try:
+                alpha, lam_scaled, how = _solve_recording(kernel, x, lam, workspace)
+            except UnstableLambdaError as exc:
+                failures.append(exc)
+                warnings.warn(f"{exc}: λ={lam:g} skipped", SkippedLambdaWarning, stacklevel=2)
+                result = LambdaResult(lam=float(lam), lam_scaled=lam_scaled, val={}, skipped=True,
+                                      seconds=time.perf_counter() - started)
+                path.append(result)
+                if on_lambda is not None:
+                    on_lambda(result)
+                continue
         computed = evaluate_score_batches(score_batches(alpha, lam_scaled), val,
                                           metrics=wanted if reduced else None)
         metrics = computed if wanted is None else {k: computed[k] for k in wanted if k in computed}
-        result = LambdaResult(lam=float(lam), lam_scaled=lam_scaled, val=metrics, stabilised=stabilised)
+        result = LambdaResult(lam=float(lam), lam_scaled=lam_scaled, val=metrics,
+                              stabilised=how is not None, how=how,
+                              seconds=time.perf_counter() - started)
         path.append(result)
         if on_lambda is not None:
             on_lambda(result)
@@ -510,12 +660,19 @@ def fit_select(
             best, best_alpha, best_computed = result, alpha, computed
         else:
             workspace.give_back(alpha)
-    assert best is not None
+    if best is None:
+        raise LambdaGridError(
+            f"no λ of the grid {[float(v) for v in lambdas]} gives a positive definite K + λ̃I "
+            f"(kernel {kernel.shape[0]} × {kernel.shape[0]}, float32); last: {failures[-1]}")
     if reduced:  # the kept λ gets every metric, scored exactly as on the path
         best.val = evaluate_score_batches(score_batches(best_alpha, best.lam_scaled), val)
     elif wanted is not None:
         best.val = best_computed
     if best_alpha is None:  # the kept λ was scored without a solve (λ = 0): solve it now
-        best_alpha, best.lam_scaled, best.stabilised = _solve_recording(kernel, x, best.lam, workspace)
+        try:
+            best_alpha, best.lam_scaled, best.how = _solve_recording(kernel, x, best.lam, workspace)
+            best.stabilised = best.how is not None
+        except UnstableLambdaError as exc:
+            raise LambdaGridError(f"the kept λ={best.lam:g} cannot be solved: {exc}") from exc
     model = InfAE(support=x, alpha=best_alpha, lam=best.lam, lam_scaled=best.lam_scaled, config=config)
     return model, path

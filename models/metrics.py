@@ -18,6 +18,7 @@ Every metric but AUC is reported ×100, averaged over users with ``p ≥ 1``. No
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -101,6 +102,7 @@ class RankingAccumulator:
     weights: np.ndarray
     ks: tuple[int, ...] = KS
     sums: dict[str, float] = field(default_factory=dict)
+    sq_sums: dict[str, float] = field(default_factory=dict)  # Σ of squared per-user values
     n_users: int = 0
     pos_scores: list[np.ndarray] = field(default_factory=list)
     neg_scores: list[np.ndarray] = field(default_factory=list)
@@ -154,8 +156,7 @@ class RankingAccumulator:
             gain = (h * self.weights[ranked[:, :kk]]).sum(axis=1) / denom
             psp = gain / w_cum[np.arange(len(idx)), idx]
             for name, vals in (("hr", hr), ("ndcg", ndcg), ("psp", psp)):
-                key = f"{name}@{k}"
-                self.sums[key] = self.sums.get(key, 0.0) + float(vals.sum())
+                self._add_values(f"{name}@{k}", vals)
         self.n_users += int(keep.sum())
 
     def add_hit_rates(self, top_sets: dict[int, np.ndarray], targets: sp.csr_matrix) -> None:
@@ -172,13 +173,19 @@ class RankingAccumulator:
         p = p[keep].astype(np.float64)
         for k, top in top_sets.items():
             hr = _hits(top[keep], targets).sum(axis=1) / np.minimum(p, k)
-            self.sums[f"hr@{k}"] = self.sums.get(f"hr@{k}", 0.0) + float(hr.sum())
+            self._add_values(f"hr@{k}", hr)
         self.n_users += int(keep.sum())
+
+    def _add_values(self, key: str, vals: np.ndarray) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + float(vals.sum())
+        self.sq_sums[key] = self.sq_sums.get(key, 0.0) + float(np.square(vals).sum())
 
     def merge(self, other: "RankingAccumulator") -> None:
         """Add another accumulator's sums (a later batch's: pooled AUC scores keep batch order)."""
         for key, value in other.sums.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
+        for key, value in other.sq_sums.items():
+            self.sq_sums[key] = self.sq_sums.get(key, 0.0) + value
         self.n_users += other.n_users
         self.pos_scores.extend(other.pos_scores)
         self.neg_scores.extend(other.neg_scores)
@@ -191,6 +198,99 @@ class RankingAccumulator:
         if self.pos_scores:
             out["auc"] = pooled_auc(np.concatenate(self.pos_scores), np.concatenate(self.neg_scores))
         return {key: out[key] for key in METRIC_KEYS if key in out}
+
+    def intervals(self) -> dict[str, float]:
+        """Half-widths of 95% confidence intervals of :meth:`result`'s values (same units).
+
+        Per-user metrics: normal interval of a mean, ``1.96 · s / √n`` (``s`` the sample standard
+        deviation over the ``n`` users). AUC: Hanley & McNeil's (1982) standard error of the pooled
+        AUC. An interval says how far a figure on a user sample may lie from the figure on every
+        user; 0 for a single user.
+        """
+        n = self.n_users
+        out: dict[str, float] = {}
+        for key, total in self.sums.items():
+            if n < 2:
+                out[key] = 0.0
+                continue
+            mean = total / n
+            var = max(self.sq_sums.get(key, 0.0) / n - mean * mean, 0.0) * n / (n - 1)
+            out[key] = 100.0 * Z95 * float(np.sqrt(var / n))
+        if self.pos_scores:
+            pos, neg = np.concatenate(self.pos_scores), np.concatenate(self.neg_scores)
+            out["auc"] = Z95 * auc_standard_error(pooled_auc(pos, neg), len(pos), len(neg))
+        return {key: out[key] for key in METRIC_KEYS if key in out}
+
+
+Z95 = 1.959964  # two-sided 95% quantile of the standard normal
+
+
+def auc_standard_error(auc: float, n_pos: int, n_neg: int) -> float:
+    """Hanley & McNeil's standard error of an AUC from ``n_pos`` positives, ``n_neg`` negatives."""
+    q1, q2 = auc / (2.0 - auc), 2.0 * auc * auc / (1.0 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc))
+    return float(np.sqrt(max(var, 0.0) / (n_pos * n_neg)))
+
+
+def sample_users(targets: sp.spmatrix, max_users: int | None, seed: int) -> np.ndarray | None:
+    """A fixed, seeded sample of at most ``max_users`` users who have targets (sorted row ids).
+
+    ``None`` when every such user fits under the cap (``max_users`` None, or not exceeded): then
+    every user is evaluated and every figure is the full one. The sample depends only on the
+    rows that have targets, ``max_users`` and ``seed``, so every model evaluated on the same split
+    with the same setting is scored on the same users.
+    """
+    if max_users is None:
+        return None
+    if max_users < 1:
+        raise ValueError(f"max_users must be ≥ 1, got {max_users}")
+    eligible = np.flatnonzero(np.diff(sp.csr_matrix(targets).indptr) > 0)
+    if eligible.size <= max_users:
+        return None
+    rng = np.random.default_rng([int(seed), 0x5A17])
+    return np.sort(rng.choice(eligible, size=int(max_users), replace=False))
+
+
+def merge_top_k(best_items: np.ndarray | None, best_scores: np.ndarray | None,
+                block_items: np.ndarray, block_scores: np.ndarray,
+                k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The running top-``k`` of two candidate lists per row (items and their scores).
+
+    Order: descending score, ties by the lower item id — the order of :func:`top_k_unseen` — so
+    merging the top-k of each item block of a catalogue (blocks in any order) gives exactly the
+    top-k of the whole row. Returns ``(items, scores)``, best first, ``min(k, candidates)`` wide.
+    """
+    if best_items is None:
+        items, scores = block_items, block_scores
+    else:
+        items = np.concatenate([best_items, block_items], axis=1)
+        scores = np.concatenate([best_scores, block_scores], axis=1)
+    order = np.lexsort((items, -scores), axis=1)[:, :k]
+    return np.take_along_axis(items, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
+def top_k_tiled(score_block: Callable[[int, int], np.ndarray], n_items: int, seen: sp.spmatrix | None,
+                k: int, *, item_block: int) -> np.ndarray:
+    """:func:`top_k_unseen` of one user batch whose scores come in item blocks.
+
+    ``score_block(lo, hi)`` returns the batch's scores of items ``lo:hi`` (b × (hi − lo)); only one
+    block is held at a time besides the running top-k (b × k), so memory does not grow with the
+    catalogue. Exactly the untiled result (same items, same order, same tie-breaking).
+    """
+    seen = None if seen is None else sp.csr_matrix(seen)
+    best_items = best_scores = None
+    for lo in range(0, n_items, item_block):
+        hi = min(lo + item_block, n_items)
+        block = np.array(score_block(lo, hi), dtype=np.float32, copy=True)
+        if seen is not None and seen.nnz:
+            part = seen[:, lo:hi].tocoo()
+            block[part.row, part.col] = -np.inf
+        block[np.isnan(block)] = -np.inf
+        local = top_k_unseen(block, None, k, overwrite=True)
+        local_scores = np.take_along_axis(block, local, axis=1)
+        best_items, best_scores = merge_top_k(best_items, best_scores, local + lo, local_scores, k)
+    assert best_items is not None, "an empty catalogue has no top-k"
+    return best_items
 
 
 def _hits(items: np.ndarray, targets: sp.csr_matrix) -> np.ndarray:

@@ -99,6 +99,9 @@ def file_slot(path: str | Path, timeout_seconds: Optional[float] = None,
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                from tasks import stop
+
+                stop.check()  # told to stop while waiting: stop waiting
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"{path}: lock not acquired after {timeout_seconds}s")
                 time.sleep(poll_seconds)

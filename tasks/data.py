@@ -12,7 +12,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from models.infinite_ae import EvalSet
-from models.metrics import propensity_weights, sample_negatives
+from models.metrics import propensity_weights, sample_negatives, sample_users
 from tasks.errors import InputError
 
 AUC_NEGATIVES = 50
@@ -54,15 +54,42 @@ class Dataset:
         and test."""
         return sample_negatives(self.train + self.test, AUC_NEGATIVES, AUC_SEED)
 
-    def val_set(self) -> EvalSet:
-        """Validation: context = train rows, targets = validation items."""
-        return EvalSet(context=self.train, targets=self.val, weights=self.item_weights, negatives=self.negatives)
+    def sample_negatives(self, rows: np.ndarray) -> np.ndarray:
+        """AUC negatives of the users ``rows`` only (a user sample: drawing them for every user
+        would cost as much as the evaluation saved). Same rule as :attr:`negatives`, the draw
+        seeded by :data:`AUC_SEED` over the sample's rows."""
+        return sample_negatives((self.train[rows] + self.test[rows]).tocsr(), AUC_NEGATIVES,
+                                AUC_SEED)
 
-    def test_set(self) -> EvalSet:
-        """Test: context = train + validation rows, targets = test items."""
-        ctx = (self.train + self.val).tocsr()
+    def val_set(self, max_users: int | None = None, seed: int = 0) -> EvalSet:
+        """Validation: context = train rows, targets = validation items.
+
+        ``max_users``: above this many validation users, a fixed seeded sample of that many
+        (:func:`models.metrics.sample_users`: the same users for every model scored with the same
+        setting); at or below it — or None — every user.
+        """
+        rows = sample_users(self.val, max_users, seed)
+        if rows is None:
+            return EvalSet(context=self.train, targets=self.val, weights=self.item_weights,
+                           negatives=self.negatives)
+        return EvalSet(context=self.train[rows], targets=self.val[rows], weights=self.item_weights,
+                       negatives=self.sample_negatives(rows), rows=rows,
+                       population=int((np.diff(self.val.indptr) > 0).sum()))
+
+    def test_set(self, max_users: int | None = None, seed: int = 0) -> EvalSet:
+        """Test: context = train + validation rows, targets = test items (``max_users``, ``seed``:
+        as in :meth:`val_set`)."""
+        rows = sample_users(self.test, max_users, seed)
+        if rows is None:
+            ctx = (self.train + self.val).tocsr()
+            ctx.data[:] = 1.0
+            return EvalSet(context=ctx, targets=self.test, weights=self.item_weights,
+                           negatives=self.negatives)
+        ctx = (self.train[rows] + self.val[rows]).tocsr()
         ctx.data[:] = 1.0
-        return EvalSet(context=ctx, targets=self.test, weights=self.item_weights, negatives=self.negatives)
+        return EvalSet(context=ctx, targets=self.test[rows], weights=self.item_weights,
+                       negatives=self.sample_negatives(rows), rows=rows,
+                       population=int((np.diff(self.test.indptr) > 0).sum()))
 
     @cached_property
     def data_version(self) -> str:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from prefect import task
 
+from tasks import stop
 from tasks.errors import InputError
 from tasks.io import content_hash, write_json, write_text
 from tasks.params import Params
@@ -79,6 +80,8 @@ def distill_dataset(
     log_path: str | Path | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     dataset: Any = None,
+    eval_max_users: int | None = None,
+    sample_seed: int = 0,
     **config: Any,
 ) -> dict[str, Any]:
     """Write the summary of ``data_dir`` to ``out_path``; return a small report.
@@ -87,7 +90,9 @@ def distill_dataset(
     keywords: see :func:`make_config`. ``on_step(info)`` is called after every Distill-CF step;
     ``log_path`` receives one JSON line per step. A budget above the number of users with train
     interactions is capped (``report["budget"]`` is the budget used). Bad inputs raise
-    :class:`InputError`.
+    :class:`InputError`. ``eval_max_users``/``sample_seed``: the in-loop checks score a fixed
+    seeded sample of that many validation users when there are more (every user otherwise).
+    At step 1 ``info["estimate_seconds"]`` forecasts the whole run (every step and check).
     """
     from models.infinite_ae import fit_select
     from models.samplers import head_user_indices, random_user_indices, rows_of
@@ -104,7 +109,7 @@ def distill_dataset(
     cfg = make_config(budget=min(requested, n_active), seed=seed, steps=steps, samples=samples,
                       tau=tau, **config)
     out_path = Path(out_path)
-    val = dataset.val_set()
+    val = dataset.val_set(eval_max_users, sample_seed)
     started = time.perf_counter()
     meta: dict[str, Any] = {
         "sampler": sampler, "budget": cfg.budget, "budget_requested": requested, "seed": cfg.seed,
@@ -113,7 +118,12 @@ def distill_dataset(
     }
     report: dict[str, Any] = {"sampler": sampler, "budget": cfg.budget,
                               "budget_requested": requested, "seed": cfg.seed,
-                              "select_metric": cfg.select_metric}
+                              "select_metric": cfg.select_metric,
+                              "eval_users": val.n_users,
+                              "eval_population": val.population or val.n_users}
+    n_checks = 1 + sum(1 for s in range(1, cfg.max_steps + 1)
+                       if cfg.is_eval_step(s) or s == cfg.max_steps)
+    first_check: list[float] = []
 
     if sampler == "distill-cf":
         from models.distill_cf import distill
@@ -124,6 +134,11 @@ def distill_dataset(
             log_file = Path(log_path).open("w")
         try:
             def record(info: dict[str, Any]) -> None:
+                if info["step"] == 0:
+                    first_check.append(float(info.get("eval_seconds") or 0.0))
+                elif info["step"] == 1 and first_check:  # the first step (compilation included)
+                    info["estimate_seconds"] = (first_check[0] * n_checks
+                                                + info["seconds"] * cfg.max_steps)
                 if log_file is not None:
                     row = {"step": info["step"], "loss": info["loss"],
                            "seconds": round(info["seconds"], 4), "lambda": info["lambda"],
@@ -134,6 +149,7 @@ def distill_dataset(
                     log_file.flush()
                 if on_step is not None:
                     on_step(info)
+                stop.check()  # SIGTERM/SIGINT: end between steps (tasks/stop.py)
 
             result = distill(dataset.train, val, cfg, on_step=record)
         finally:
@@ -171,27 +187,44 @@ def distill_dataset(
             write_text(log_path, json.dumps({**curve[0], "evaluated": True}) + "\n")
 
     write_summary(out_path, support, dataset.item_ids, meta)
+    report["coverage"] = coverage(support, dataset.train)
     report["curve"] = curve
     report["seconds"] = time.perf_counter() - started
     report["nnz"] = int((support > 1e-6).sum())
     return report
 
 
+def coverage(support: np.ndarray, train: Any) -> dict[str, float]:
+    """How much of the catalogue a summary (or user sample) touches: the share of items with a
+    non-zero entry (> 1e-6, as ``nnz``) and the share of train interactions on those items."""
+    touched = np.asarray((np.asarray(support) > 1e-6).any(axis=0)).ravel()
+    counts = np.asarray(train.sum(axis=0)).ravel()
+    total = float(counts.sum())
+    return {"items": float(touched.mean()) if touched.size else 0.0,
+            "interactions": float(counts[touched].sum() / total) if total else 0.0}
+
+
 def random_users_fit(dataset: Any, budget: int, seed: int, lambdas: tuple[float, ...],
-                     depth: int, select_metric: str, batch_size: int = 2048) -> dict[str, Any]:
+                     depth: int, select_metric: str, batch_size: int = 2048,
+                     max_users: int | None = None, sample_seed: int = 0) -> dict[str, Any]:
     """∞-AE on ``budget`` random real users (the seed Distill-CF starts from), λ by the same
-    metric: the baseline every summary is reported beside. ``{lambda, val, test}``."""
+    metric: the baseline every summary is reported beside. ``{lambda, val, test, test_ci95,
+    coverage}``, scored on the evaluation sample (``max_users``, ``sample_seed``)."""
     from models.infinite_ae import evaluate, fit_select
     from models.kernels import NTKConfig
     from models.samplers import random_user_indices, rows_of
 
     users = random_user_indices(dataset.train, budget, seed)
-    model, path = fit_select(rows_of(dataset.train, users), dataset.val_set(), lambdas,
+    support = rows_of(dataset.train, users)
+    model, path = fit_select(support, dataset.val_set(max_users, sample_seed), lambdas,
                              NTKConfig(depth=depth), select_metric=select_metric,
                              batch_size=batch_size)
     val = next(p.val for p in path if p.lam == model.lam)
-    test = evaluate(model, dataset.test_set(), batch_size=batch_size)
-    return {"lambda": model.lam, "val": val, "test": test}
+    stats: dict[str, Any] = {}
+    test = evaluate(model, dataset.test_set(max_users, sample_seed), batch_size=batch_size,
+                    stats=stats)
+    return {"lambda": model.lam, "val": val, "test": test, "test_ci95": stats["ci95"],
+            "coverage": coverage(support, dataset.train)}
 
 
 def write_curve_csv(curve: list[dict[str, Any]], out: Path, metric_columns: list[str]) -> Path:
@@ -220,7 +253,12 @@ def run(params: Params, log: Optional[Callable[[str], None]] = None,
         def on_step(info: dict[str, Any]) -> None:  # evaluated steps only: the log stays short
             if info.get("evaluated"):
                 log(f"step {info['step']}: loss {info.get('loss')}, val {metric} "
-                    f"{info['val'][metric]:.2f} (λ {info['lambda']:g})")
+                    f"{info['val'][metric]:.2f} (λ {info['lambda']:g}; check "
+                    f"{info.get('eval_seconds', 0.0):.1f}s)")
+            if "estimate_seconds" in info:
+                log(f"distill: at most {d.steps} steps ({info['seconds']:.2f}s for the first) and "
+                    f"their checks: ≈ {info['estimate_seconds'] / 60:.1f} min at most (early "
+                    f"stopping may end sooner)")
 
     dataset = load_dataset(paths.processed)
     report = distill_dataset(
@@ -228,13 +266,19 @@ def run(params: Params, log: Optional[Callable[[str], None]] = None,
         steps=d.steps, samples=d.samples, tau=d.tau, log_path=paths.distill_log,
         on_step=on_step, dataset=dataset, lr=d.lr, reg=d.reg, patience=d.patience,
         min_steps=d.min_steps, eval_every=d.eval_every, target_batch=d.target_batch,
-        lambdas=tuple(params.fit.summary_lambdas), select_metric=metric, depth=params.fit.depth)
+        lambdas=tuple(params.fit.summary_lambdas), select_metric=metric, depth=params.fit.depth,
+        eval_max_users=d.eval_max_users, sample_seed=params.evaluate.sample_seed)
+    if report["eval_users"] < report["eval_population"]:
+        log(f"distill: in-loop checks scored {report['eval_users']} of "
+            f"{report['eval_population']} validation users (distill.eval_max_users)")
     if report["budget"] < report["budget_requested"]:
         log(f"distill.budget {report['budget_requested']} capped at {report['budget']}: the "
             f"number of users with train interactions")
     fault_point("distill")  # the summary written, its reports not yet
     random = random_users_fit(dataset, report["budget"], d.seed, params.fit.summary_lambdas,
-                              params.fit.depth, metric, params.fit.batch_size)
+                              params.fit.depth, metric, params.fit.batch_size,
+                              max_users=params.evaluate.max_users,
+                              sample_seed=params.evaluate.sample_seed)
     summary_hash = content_hash(paths.summary)
     distill_report = {
         "sampler": d.sampler, "budget": report["budget"],
@@ -242,6 +286,8 @@ def run(params: Params, log: Optional[Callable[[str], None]] = None,
         "best_step": report["best_step"], "steps_run": report["steps_run"],
         "lambda": report["lambda"], "val": report["val"],
         "init_val": report.get("init_val"), "random_users": random,
+        "coverage": report["coverage"],
+        "eval_users": report["eval_users"], "eval_population": report["eval_population"],
         "summary_hash": summary_hash,
     }
     write_json(paths.distill_report, distill_report)
@@ -252,7 +298,8 @@ def run(params: Params, log: Optional[Callable[[str], None]] = None,
     log(f"summary ({d.sampler}, budget {report['budget']}, best step {report['best_step']}): "
         f"val {metric} {report['val'][metric]:.2f} vs {random['val'][metric]:.2f} for "
         f"{report['budget']} random users → {paths.summary} ({summary_hash}, "
-        f"{report['seconds']:.1f}s)")
+        f"{report['seconds']:.1f}s); it touches {100 * report['coverage']['items']:.1f}% of the "
+        f"items ({100 * report['coverage']['interactions']:.1f}% of train interactions)")
     return {"summary_path": str(paths.summary), "summary_hash": summary_hash,
             "seconds": report["seconds"], "report": distill_report,
             "seconds_per_step": report["seconds_per_step"]}

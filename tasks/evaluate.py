@@ -18,6 +18,7 @@ may differ. Entry points: :func:`evaluate_task` and ``infrec evaluate --params p
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -25,7 +26,7 @@ import scipy.sparse as sp
 from prefect import task
 
 from models.baselines import EASE_LAMBDAS, PopRec, fit_ease_select
-from models.infinite_ae import InfAE, evaluate, evaluate_score_batches
+from models.infinite_ae import InfAE, batch_rows, evaluate, evaluate_score_batches
 from tasks.data import Dataset, load_dataset
 from tasks.io import read_json, write_json
 from tasks.params import Params
@@ -36,32 +37,65 @@ _UNKNOWN_ITEM_SCORE = np.float32(-3.0e38)
 
 
 def baseline_metrics(dataset: Dataset, *, ease_lambdas: Sequence[float] | None = None,
-                     select_metric: str = "hr@100",
+                     select_metric: str = "hr@100", max_users: int | None = None,
+                     sample_seed: int = 0, ease_max_items: int | None = None,
                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """``{"poprec": {"val", "test"}, "ease": {"lambda", "val", "test", "lambda_path"}}``."""
+    """``{"poprec": {"val", "test"}, "ease": {"lambda", "val", "test", "lambda_path",
+    "description", "items", "coverage"}}`` on the same user sample as every other model
+    (``max_users``, ``sample_seed``). Above ``ease_max_items`` items EASE is fitted on the most
+    popular ``ease_max_items`` (:func:`models.baselines.fit_ease_select`'s ``items``); its
+    ``coverage`` is the share of train interactions on them."""
     say_ = log or (lambda _m: None)
-    val, test = dataset.val_set(), dataset.test_set()
+    val, test = dataset.val_set(max_users, sample_seed), dataset.test_set(max_users, sample_seed)
     pop = PopRec.fit(dataset.train)
     pop_val = evaluate_score_batches(pop.iter_scores(val.context), val)
-    pop_test = evaluate_score_batches(pop.iter_scores(test.context), test)
+    pop_test_stats: dict[str, Any] = {}
+    pop_test = evaluate_score_batches(pop.iter_scores(test.context), test, stats=pop_test_stats)
+    items = None
+    if ease_max_items is not None and dataset.n_items > ease_max_items:
+        items = most_popular_items(dataset.train, ease_max_items)
+    t0 = time.perf_counter()
     ease, path = fit_ease_select(dataset.train, val, ease_lambdas or EASE_LAMBDAS,
-                                 select_metric=select_metric)
+                                 select_metric=select_metric, items=items,
+                                 on_lambda=lambda lam, m, sec: say_(
+                                     f"EASE λ={lam:g}: val {select_metric}={m[select_metric]:.2f} "
+                                     f"({sec:.1f}s)"))
     ease_val = next(p["val"] for p in path if p["lambda"] == ease.lam)
-    ease_test = evaluate_score_batches(ease.iter_scores(test.context), test)
+    ease_test_stats: dict[str, Any] = {}
+    ease_test = evaluate_score_batches(ease.iter_scores(test.context), test, stats=ease_test_stats)
     m = select_metric
-    say_(f"PopRec val {m}={pop_val[m]:.2f}; EASE λ={ease.lam:g} val {m}={ease_val[m]:.2f} "
-         f"test {m}={ease_test[m]:.2f}")
+    counts = np.asarray(dataset.train.sum(axis=0)).ravel()
+    if items is None:
+        description, coverage = f"EASE on all {dataset.n_items} items", 1.0
+    else:
+        coverage = float(counts[items].sum() / max(counts.sum(), 1))
+        description = (f"EASE on the {len(items)} most popular of {dataset.n_items} items "
+                       f"(evaluate.ease_max_items; {100 * coverage:.1f}% of train interactions), "
+                       "other items score lowest")
+    say_(f"PopRec val {m}={pop_val[m]:.2f}; {description}: λ={ease.lam:g} val {m}="
+         f"{ease_val[m]:.2f} test {m}={ease_test[m]:.2f} ({time.perf_counter() - t0:.1f}s)")
     return {
-        "poprec": {"val": pop_val, "test": pop_test},
-        "ease": {"lambda": ease.lam, "val": ease_val, "test": ease_test, "lambda_path": path},
+        "poprec": {"val": pop_val, "test": pop_test, "test_ci95": pop_test_stats["ci95"]},
+        "ease": {"lambda": ease.lam, "val": ease_val, "test": ease_test,
+                 "test_ci95": ease_test_stats["ci95"], "description": description,
+                 "items": int(ease.n_items_fitted), "coverage": coverage, "lambda_path": path},
     }
+
+
+def most_popular_items(train: sp.spmatrix, n: int) -> np.ndarray:
+    """The ``n`` items with the most train interactions (ties by lower id), sorted by id."""
+    counts = np.asarray(train.sum(axis=0)).ravel()
+    order = np.lexsort((np.arange(counts.size), -counts))
+    return np.sort(order[:n])
 
 
 def reference_metrics(dataset: Dataset, *, max_users: int = 20000, seed: int = 0,
                       lambdas: Sequence[float] | None = None, depth: int = 1,
                       select_metric: str = "hr@100", batch_size: int = 2048,
+                      eval_max_users: int | None = None, sample_seed: int = 0,
                       log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """∞-AE on all users (or a ``max_users`` sample): ``{"description", "lambda", "val", …}``."""
+    """∞-AE on all users (or a ``max_users`` sample): ``{"description", "lambda", "val", …}``,
+    scored on the evaluation sample (``eval_max_users``, ``sample_seed``) like every model."""
     from tasks.fit import fit_dataset
 
     n = dataset.n_users
@@ -72,19 +106,23 @@ def reference_metrics(dataset: Dataset, *, max_users: int = 20000, seed: int = 0
         description = f"∞-AE on a random sample of {max_users} of {n} users (largest allowed)"
     model, report = fit_dataset(dataset, lambdas=lambdas, depth=depth, user_support=user_support,
                                 seed=seed, select_metric=select_metric, batch_size=batch_size,
-                                log=log)
+                                max_users=eval_max_users, sample_seed=sample_seed, log=log)
     return {"description": description, "lambda": model.lam,
-            "val": report["metrics"]["val"], "test": report["metrics"]["test"]}
+            "val": report["metrics"]["val"], "test": report["metrics"]["test"],
+            "test_ci95": report["metrics"]["test_ci95"]}
 
 
 def evaluate_model_on(model: InfAE, model_item_ids: np.ndarray, dataset: Dataset, *,
-                      split: str = "test", batch_size: int = 2048) -> dict[str, float]:
-    """Metrics of ``model`` on ``dataset``'s ``split``, aligning items by raw id.
+                      split: str = "test", batch_size: int = 2048, max_users: int | None = None,
+                      sample_seed: int = 0) -> dict[str, float]:
+    """Metrics of ``model`` on ``dataset``'s ``split``, aligning items by raw id, on the same user
+    sample as the candidate (``max_users``, ``sample_seed``).
 
     Items of the data set that the model does not know get the lowest score; histories are
     mapped into the model's item space (unknown items dropped).
     """
-    evalset = dataset.test_set() if split == "test" else dataset.val_set()
+    evalset = (dataset.test_set(max_users, sample_seed) if split == "test"
+               else dataset.val_set(max_users, sample_seed))
     model_item_ids = np.asarray(model_item_ids)
     if model_item_ids.shape == dataset.item_ids.shape and np.array_equal(model_item_ids,
                                                                           dataset.item_ids):
@@ -97,10 +135,12 @@ def evaluate_model_on(model: InfAE, model_item_ids: np.ndarray, dataset: Dataset
         shape=(dataset.n_items, model_item_ids.size),
     )
 
+    rows = batch_rows(batch_size, max(dataset.n_items, model_item_ids.size))
+
     def batches() -> Iterator[tuple[int, np.ndarray]]:
         ctx = evalset.context
-        for start in range(0, ctx.shape[0], batch_size):
-            scores = model.scores(ctx[start : start + batch_size] @ to_model)
+        for start in range(0, ctx.shape[0], rows):
+            scores = model.scores(ctx[start : start + rows] @ to_model)
             out = np.full((scores.shape[0], dataset.n_items), _UNKNOWN_ITEM_SCORE, dtype=np.float32)
             out[:, known] = scores[:, data_cols[known]]
             yield start, out
@@ -120,6 +160,12 @@ def summarise(evaluation: dict[str, Any], metric: str) -> dict[str, float]:
         "ease_fraction_val": _ratio(cand["val"][metric], evaluation["ease"]["val"][metric]),
         "pop_margin_val": cand["val"][metric] - evaluation["poprec"]["val"][metric],
     }
+    sample = evaluation.get("sample") or cand.get("sample")
+    if sample:
+        out["test_users"] = sample["test_users"]
+        out["test_population"] = sample["test_population"]
+    if "test_ci95" in cand:
+        out["candidate_test_ci95"] = cand["test_ci95"].get(metric, float("nan"))
     random = evaluation.get("random_users")
     if random:
         out["random_users_test"] = random["test"][metric]
@@ -138,15 +184,19 @@ def run(params: Params, log: Optional[Callable[[str], None]] = None) -> dict[str
     dataset = load_dataset(paths.processed)
     candidate = read_json(paths.model / "metrics.json", "the fit stage's metrics")
     distill_report = read_json(paths.distill_report, "the distill stage's report")
-    base = baseline_metrics(dataset, ease_lambdas=ev.ease_lambdas, select_metric=metric, log=log)
+    base = baseline_metrics(dataset, ease_lambdas=ev.ease_lambdas, select_metric=metric,
+                            max_users=ev.max_users, sample_seed=ev.sample_seed,
+                            ease_max_items=ev.ease_max_items, log=log)
     ref = reference_metrics(dataset, max_users=ev.reference_max_users, seed=ev.reference_seed,
                             lambdas=f.lambdas, depth=f.depth, select_metric=metric,
-                            batch_size=f.batch_size, log=log)
+                            batch_size=f.batch_size, eval_max_users=ev.max_users,
+                            sample_seed=ev.sample_seed, log=log)
     log(f"reference: {ref['description']}, λ={ref['lambda']:g}, test {metric}="
         f"{ref['test'][metric]:.2f}")
     base["ease"].pop("lambda_path", None)
     evaluation = {"candidate": candidate, **base, "reference": ref,
-                  "random_users": distill_report.get("random_users")}
+                  "random_users": distill_report.get("random_users"),
+                  "sample": candidate.get("sample")}
     evaluation = {"summary": summarise(evaluation, metric), **evaluation}
     write_json(paths.evaluation, evaluation)
     return evaluation

@@ -22,9 +22,10 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from prefect import task
 
-from models.infinite_ae import (FULL_DATA_LAMBDAS, SUMMARY_LAMBDAS, InfAE, evaluate, fit_select,
-                                kernel_matrix)
+from models.infinite_ae import (FULL_DATA_LAMBDAS, SUMMARY_LAMBDAS, InfAE, LambdaGridError, evaluate,
+                                fit_select, kernel_matrix)
 from models.kernels import NTKConfig
+from tasks import stop
 from tasks.data import Dataset, load_dataset
 from tasks.errors import InputError
 from tasks.io import write_json
@@ -79,9 +80,19 @@ def fit_dataset(
     user_support: float | None = None,
     seed: int = 0,
     batch_size: int = 2048,
+    max_users: int | None = None,
+    sample_seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> tuple[InfAE, dict[str, Any]]:
-    """Fit, select λ on validation ``select_metric``, evaluate on test: ``(model, report)``."""
+    """Fit, select λ on validation ``select_metric``, evaluate on test: ``(model, report)``.
+
+    ``max_users``/``sample_seed``: validation and test score a fixed seeded sample of that many
+    users of each split when there are more (:meth:`tasks.data.Dataset.val_set`); the report's
+    ``sample`` says how many were scored, of how many, and ``val_ci95``/``test_ci95`` give the
+    half-widths of the 95% intervals. A λ that cannot be solved even stabilised is skipped
+    (``status`` in the λ path); a grid where every λ fails is one :class:`InputError`-free
+    ``RuntimeError`` naming the kernel and the grid.
+    """
     say_ = log or (lambda _msg: None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -91,7 +102,10 @@ def fit_dataset(
     if lambdas is None:
         lambdas = FULL_DATA_LAMBDAS if support_info["kind"] != "summary" else SUMMARY_LAMBDAS
     config = NTKConfig(depth=depth)
-    val = dataset.val_set()
+    val = dataset.val_set(max_users, sample_seed)
+    val_rows = None
+    if is_ctx and val.rows is not None:  # the support is every user; validation a sample of them
+        is_ctx, val_rows = False, val.rows
     timings["prepare"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -102,25 +116,47 @@ def fit_dataset(
     t2 = time.perf_counter()
 
     def on_lambda(result) -> None:
-        note = " (stabilised)" if result.stabilised else ""
-        say_(f"λ={result.lam:g}{note}: val {select_metric}={result.val[select_metric]:.2f}")
+        if result.skipped:
+            say_(f"λ={result.lam:g} skipped: K + λ̃I not positive definite even stabilised "
+                 f"({result.seconds:.1f}s)")
+            stop.check()
+            return
+        note = f" (stabilised: λ̃={result.lam_scaled:.3g})" if result.stabilised else ""
+        say_(f"λ={result.lam:g}{note}: val {select_metric}={result.val[select_metric]:.2f} "
+             f"({result.seconds:.1f}s)")
+        stop.check()  # SIGTERM/SIGINT: end between λs (tasks/stop.py)
 
-    model, path = fit_select(
-        support, val, lambdas, config, support_is_val_context=is_ctx, batch_size=batch_size,
-        kernel=kernel, on_lambda=on_lambda, select_metric=select_metric,
-    )
+    try:
+        model, path = fit_select(
+            support, val, lambdas, config, support_is_val_context=is_ctx, val_rows=val_rows,
+            batch_size=batch_size, kernel=kernel, on_lambda=on_lambda, select_metric=select_metric,
+        )
+    except LambdaGridError as exc:
+        raise RuntimeError(f"∞-AE on {support_info['kind']} ({support.shape[0]} rows): {exc}") from None
     del kernel
     timings["fit"] = time.perf_counter() - t2
     best = next(r for r in path if r.lam == model.lam)
+    val_stats: dict[str, Any] = {}
+    if val.rows is not None:  # the kept λ's interval, on the same sample
+        val_ci = _val_interval(model, val, batch_size, val_rows)
+        val_stats = {"users": val.n_users, "ci95": val_ci}
 
     t3 = time.perf_counter()
-    test = evaluate(model, dataset.test_set(), batch_size=batch_size)
+    test_set = dataset.test_set(max_users, sample_seed)
+    test_stats: dict[str, Any] = {}
+    test = evaluate(model, test_set, batch_size=batch_size, stats=test_stats)
     timings["evaluate"] = time.perf_counter() - t3
-    say_(f"λ={model.lam:g} test {select_metric}={test[select_metric]:.2f}")
+    say_(f"λ={model.lam:g} test {select_metric}={test[select_metric]:.2f} "
+         f"± {test_stats['ci95'].get(select_metric, 0.0):.2f} (95%, {test_stats['users']} users"
+         + (f" of {test_set.population}" if test_set.population else "") + ")")
     report = {
-        "metrics": {"lambda": model.lam, "val": best.val, "test": test},
+        "metrics": {"lambda": model.lam, "val": best.val, "test": test,
+                    "test_ci95": test_stats["ci95"],
+                    **({"val_ci95": val_stats["ci95"]} if val_stats else {}),
+                    "sample": sample_description(val, test_set, max_users, sample_seed)},
         "lambda_path": [
-            {"lambda": r.lam, "lambda_scaled": r.lam_scaled, "stabilised": r.stabilised, **r.val}
+            {"lambda": r.lam, "lambda_scaled": r.lam_scaled, "stabilised": r.stabilised,
+             "status": r.status, **r.val}
             for r in path
         ],
         "support": support_info,
@@ -128,6 +164,28 @@ def fit_dataset(
         "seconds": timings,
     }
     return model, report
+
+
+def sample_description(val: Any, test: Any, max_users: int | None, seed: int) -> dict[str, Any]:
+    """How many users each split scored, of how many (equal when every user was scored)."""
+    return {"max_users": max_users, "seed": seed,
+            "val_users": val.n_users, "val_population": val.population or val.n_users,
+            "test_users": test.n_users, "test_population": test.population or test.n_users}
+
+
+def _val_interval(model: InfAE, val: Any, batch_size: int, val_rows: Any) -> dict[str, float]:
+    """95% half-widths of the kept model's validation metrics on the sample ``val``."""
+    from models.infinite_ae import evaluate_score_batches
+
+    stats: dict[str, Any] = {}
+    if val_rows is not None:  # validation users are support rows: K α = X − λ̃ α
+        x, alpha = model.support, model.alpha
+        batches = ((s, x[val_rows[s:s + batch_size]] - model.lam_scaled * alpha[val_rows[s:s + batch_size]])
+                   for s in range(0, len(val_rows), batch_size))
+        evaluate_score_batches(batches, val, stats=stats)
+    else:
+        evaluate(model, val, batch_size=batch_size, stats=stats)
+    return stats["ci95"]
 
 
 def run(params: Params, log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
@@ -139,7 +197,8 @@ def run(params: Params, log: Optional[Callable[[str], None]] = None) -> dict[str
     dataset = load_dataset(paths.processed)
     model, report = fit_dataset(dataset, lambdas=f.summary_lambdas, depth=f.depth,
                                 select_metric=metric, support_path=paths.summary,
-                                batch_size=f.batch_size, log=log)
+                                batch_size=f.batch_size, max_users=params.evaluate.max_users,
+                                sample_seed=params.evaluate.sample_seed, log=log)
     save_model(model, paths.model, dataset.item_ids, report, dataset.data_version, overwrite=True)
     write_json(paths.metrics, report["metrics"])
     write_json(paths.lambda_path, report["lambda_path"])
@@ -147,6 +206,7 @@ def run(params: Params, log: Optional[Callable[[str], None]] = None) -> dict[str
                      metrics=dict.fromkeys([metric, "hr@100"]))
     return {"model_dir": str(paths.model), "lambda": model.lam,
             "val": report["metrics"]["val"], "test": report["metrics"]["test"],
+            "sample": report["metrics"]["sample"], "metrics": report["metrics"],
             "lambda_path": report["lambda_path"], "seconds": report["seconds"]}
 
 

@@ -122,6 +122,9 @@ class DistillParams(_Section):
     min_steps: int = Field(0, ge=0)  # … but never before this step
     eval_every: int = Field(40, ge=1)  # evaluate at steps 25, 50, …, 200 and every this many
     target_batch: Optional[int] = Field(None, ge=1)  # real users per step (None: all)
+    # the in-loop checks score a fixed seeded sample of this many validation users when there
+    # are more (evaluate.sample_seed); at or below it every user, as before
+    eval_max_users: int = Field(10000, ge=50)
 
 
 class EvaluateParams(_Section):
@@ -132,6 +135,15 @@ class EvaluateParams(_Section):
     reference_max_users: int = Field(20000, ge=10)
     reference_seed: int = Field(0, ge=0)
     ease_lambdas: Optional[tuple[float, ...]] = None  # None: models.baselines.EASE_LAMBDAS
+    # every model compared (candidate, random users, reference, EASE, PopRec, the champion) is
+    # scored on the same fixed seeded sample of this many users of each split when there are
+    # more; at or below it on every user (the figures are then the full ones)
+    max_users: int = Field(20000, ge=50)
+    sample_seed: int = Field(0, ge=0)
+    # EASE's item × item inverse is exact up to this many items; above it EASE is fitted on the
+    # this-many most popular items (other items score lowest) and the report states the share
+    # of train interactions they cover
+    ease_max_items: int = Field(10000, ge=100)
 
     @field_validator("ease_lambdas")
     @classmethod

@@ -68,7 +68,8 @@ def champion_comparison(params: Params, candidate_version: Optional[str],
             f"{champ_tags.get('catalogue') or catalogue_fingerprint(item_ids)} vs "
             f"{catalogue_fingerprint(dataset.item_ids)}")}
     try:
-        test = evaluate_model_on(model, item_ids, dataset)
+        test = evaluate_model_on(model, item_ids, dataset, max_users=params.evaluate.max_users,
+                                 sample_seed=params.evaluate.sample_seed)
     except InputError as exc:
         return {"version": version, "test": None, "unusable": str(exc)}
     same = champ_tags.get("data_hash") == candidate_data

@@ -162,8 +162,11 @@ def log_run(*, tracking_uri: str, experiment: str, artifact_root: str | Path | N
         with mlflow.start_run(run_id=run_id):
             fault_point("model-logging")
             info = log_model()
-    except BaseException:
-        cl.set_terminated(run_id, status="FAILED")
+    except BaseException as exc:  # a stop (SIGTERM, Ctrl-C, a cancellation) ends it KILLED
+        from tasks import stop
+
+        stopped = isinstance(exc, stop.Interrupted) or stop.requested()
+        cl.set_terminated(run_id, status="KILLED" if stopped else "FAILED")
         raise
     cl.set_terminated(run_id, status="FINISHED")
     return {"run_id": run_id, "model_uri": info.model_uri}

@@ -117,6 +117,10 @@ def _not_transient() -> tuple[type[BaseException], ...]:
 def retry_transient(_task: Any, _task_run: Any, state: Any) -> bool:
     """Retry unless the failure is deterministic (bad input, bad numbers): retrying those only
     delays the one-line error the user gets."""
+    from tasks import stop
+
+    if stop.requested():  # told to stop: a failure now is the stop's (a child killed with us)
+        return False
     exc = state.data if isinstance(state.data, BaseException) else None
     if exc is None:
         try:

@@ -226,6 +226,61 @@ def test_overlapping_runs_are_serialised_and_the_second_is_unchanged(api, served
     print(f"two serialised runs in {time.monotonic() - t0:.1f}s")
 
 
+def test_cancelling_a_deployment_run_stops_it_in_seconds(api, served):
+    """`prefect flow-run cancel` of a deployment's run while Distill-CF runs: the run's process
+    stops at its next step (infrec marks the task run Cancelled itself — the runner would only
+    SIGKILL it after 30 s), the flow run ends Cancelled, the writer lock and the registry slot
+    are free, and the state dir records the interrupted run."""
+    import fcntl
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+
+    from tasks.concurrency import REGISTRY_LIMIT
+
+    dep = _wait_deployment(served)
+    params = dict(dep.parameters["params"])
+    params["distill"] = {**params["distill"], "sampler": "distill-cf", "steps": 100000,
+                         "min_steps": 100000, "patience": 100000, "samples": 8,
+                         "eval_every": 1000}  # only a cancellation ends it
+    run = run_deployment(f"infrec-pipeline/{DEPLOYMENT}", parameters={"params": params},
+                         timeout=0)
+    only_run = FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + RUNS_TIMEOUT
+        while not any(t.name.startswith("distill") and t.state and t.state.is_running()
+                      for t in client.read_task_runs(flow_run_filter=only_run)):
+            assert time.monotonic() < deadline, f"distill never ran:\n{_tail(served['log'])}"
+            time.sleep(1)
+        time.sleep(2)  # a few steps in
+        sent = time.monotonic()
+        res = subprocess.run([_bin("prefect"), "flow-run", "cancel", str(run.id)],
+                             env=_clean_env(PREFECT_API_URL=api.url), capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        while not (current := client.read_flow_run(run.id)).state.is_final():
+            # well within the runner's 30 s grace before its SIGKILL (the CLI's start included)
+            assert time.monotonic() - sent < 25, f"{current.state}\n{_tail(served['log'])}"
+            time.sleep(0.5)
+        print(f"`prefect flow-run cancel` to a final state: {time.monotonic() - sent:.1f}s "
+              f"(the command's own start included): {current.state}")
+        assert current.state.is_cancelled(), current.state
+        distill = next(t for t in client.read_task_runs(flow_run_filter=only_run)
+                       if t.name.startswith("distill"))
+        assert distill.state.is_cancelled(), distill.state
+        assert "stopped by SIGTERM during distill" in (distill.state.message or "")
+        assert client.read_global_concurrency_limit_by_name(REGISTRY_LIMIT).active_slots == 0
+    state = Path(params["state_dir"])
+    fd = os.open(state / ".infrec-registry.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while held
+    finally:
+        os.close(fd)
+    record = json.loads((state / "last_run.json").read_text())
+    assert record["outcome"] == "interrupted" and record["flow_run_id"] == str(run.id), record
+
+
 HOLD_SLOT = textwrap.dedent("""
     import json, sys, time
     from tasks.concurrency import prefect_server_configured, registry_slot

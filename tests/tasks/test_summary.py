@@ -205,7 +205,11 @@ def test_distill_stage_reports_the_summary_beside_random_users(processed, tmp_pa
     report = json.loads((tmp_path / "reports" / "distill.json").read_text())
     assert report == json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["budget"] == 12 and report["select_metric"] == "ndcg@10"
-    assert set(report["random_users"]) == {"lambda", "val", "test"}
+    assert set(report["random_users"]) == {"lambda", "val", "test", "test_ci95", "coverage"}
+    # the catalogue the summary touches, beside the random users'; every user checked (no cap)
+    for cov in (report["coverage"], report["random_users"]["coverage"]):
+        assert 0 < cov["items"] <= 1 and 0 < cov["interactions"] <= 1
+    assert report["eval_users"] == report["eval_population"] > 0
     assert report["init_val"] == report["random_users"]["val"]  # it starts from those users
     curve = (tmp_path / "reports" / "distill_curve.csv").read_text().splitlines()
     assert curve[0] == "step,loss,lambda,val_ndcg@10,val_hr@100" and len(curve) == 6
