@@ -41,7 +41,7 @@ _UNKNOWN_ITEM_SCORE = np.float32(-3.0e38)
 def baseline_metrics(dataset: Dataset, *, ease_lambdas: Sequence[float] | None = None,
                      select_metric: str = "hr@100", max_users: int | None = None,
                      sample_seed: int = 0, ease_max_items: int | None = None,
-                     dask_address: str | None = None, batch_size: int = 2048,
+                     dask_address: str | None = None, batch_size: int = 4096,
                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """``{"poprec": {"val", "test"}, "ease": {"lambda", "val", "test", "lambda_path",
     "description", "items", "coverage"}}`` on the same user sample as every other model
@@ -203,7 +203,7 @@ def run(params: Params, log: Optional[Callable[[str], None]] = None) -> dict[str
     base = baseline_metrics(dataset, ease_lambdas=ev.ease_lambdas, select_metric=metric,
                             max_users=ev.max_users, sample_seed=ev.sample_seed,
                             ease_max_items=ev.ease_max_items, dask_address=ev.dask_address,
-                            batch_size=f.batch_size, log=log)
+                            log=log)
     ref = reference_metrics(dataset, max_users=ev.reference_max_users, seed=ev.reference_seed,
                             lambdas=f.lambdas, depth=f.depth, select_metric=metric,
                             batch_size=f.batch_size, eval_max_users=ev.max_users,

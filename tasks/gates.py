@@ -140,7 +140,7 @@ def gate_inputs(evaluation: dict[str, Any], metric: str,
     (``{"version", "test": {metric: value} or None, "note"}``; None: no champion). The one place
     gate inputs are built — for a pipeline run and for ``infrec promote VERSION`` alike.
     ``eval_users``: the test users (:func:`evaluated_users`), when the report does not say
-    (``n_users`` in the report wins)."""
+    (its ``n_users`` or ``sample.test_users`` win: with a user sample, fewer were scored)."""
     def pick(block: Optional[dict[str, Any]], split: str) -> Optional[float]:
         value = ((block or {}).get(split) or {}).get(metric)
         return None if value is None else float(value)
@@ -159,11 +159,18 @@ def gate_inputs(evaluation: dict[str, Any], metric: str,
         champion_note="" if champion is None else champion.get("note", ""),
         champion_unusable=None if champion is None else champion.get("unusable"),
         champion_other_catalogue=None if champion is None else champion.get("other_catalogue"),
-        eval_users=_users(evaluation.get("n_users",
-                                         (evaluation.get("sample") or {}).get("test_users",
-                                                                              eval_users))),
+        eval_users=_users(_reported_users(evaluation, eval_users)),
         summary_coverage=(evaluation.get("coverage") or {}).get("interactions"),
     )
+
+
+def _reported_users(evaluation: dict[str, Any], fallback: Any) -> Any:
+    """The test users the report says were scored (``n_users``, or its sample's ``test_users``:
+    users with a test interaction, in the evaluation sample), else ``fallback``."""
+    if evaluation.get("n_users") is not None:
+        return evaluation["n_users"]
+    sample = evaluation.get("sample") or (evaluation.get("candidate") or {}).get("sample") or {}
+    return sample.get("test_users", fallback)
 
 
 def _users(value: Any) -> Optional[int]:

@@ -185,6 +185,8 @@ def test_evaluated_users_counts_users_with_a_test_item_and_the_report_wins():
     assert gate_inputs(ev, "ndcg@10", None, 3).eval_users == 3
     assert gate_inputs({**ev, "n_users": 70}, "ndcg@10", None, 3).eval_users == 70
     assert gate_inputs(ev, "ndcg@10", None, "12").eval_users == 12  # a registry tag's string
+    sampled = {**ev, "sample": {"test_users": 40, "test_population": 900}}
+    assert gate_inputs(sampled, "ndcg@10", None, 900).eval_users == 40  # the users scored
 
 
 def test_a_champion_of_another_catalogue_is_skipped_with_the_reason():
