@@ -27,9 +27,10 @@ from models.metrics import (RankingAccumulator, merge_top_k, sample_users, top_k
 from tests.models.test_infinite_ae import low_rank_data
 
 
-def near_duplicate_rows(n: int = 800, m: int = 5000, seed: int = 0) -> np.ndarray:
+def near_duplicate_rows(n: int = 1000, m: int = 5000, seed: int = 0) -> np.ndarray:
     """One dense row repeated n times with a few flipped entries: K's smallest eigenvalue is ≈ 0
-    and float32 Cholesky breaks down at λ = 1e-5 (measured), float64 does not."""
+    and float32 Cholesky breaks down at λ = 1e-5 (measured with one and two BLAS threads; 800
+    rows fail with two threads only), float64 does not."""
     rng = np.random.default_rng(seed)
     row = (rng.random(m) < 0.5).astype(np.float32)
     x = np.tile(row, (n, 1))
@@ -44,7 +45,16 @@ def _evalset(x: np.ndarray, seed: int = 1) -> EvalSet:
     return EvalSet(context=sp.csr_matrix(x), targets=targets, weights=np.ones(x.shape[1]))
 
 
-def test_a_kernel_not_definite_in_float32_is_stabilised_and_the_grid_goes_on():
+@pytest.fixture
+def one_blas_thread():
+    """Cholesky's rounding depends on the BLAS thread count: these tests fix it."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def test_a_kernel_not_definite_in_float32_is_stabilised_and_the_grid_goes_on(one_blas_thread):
     x = near_duplicate_rows()
     kernel = kernel_matrix(x)
     # the premise: float32 Cholesky fails at the smallest λ of the summary grid
@@ -91,7 +101,7 @@ def test_small_lambdas_on_an_indefinite_kernel_are_raised_or_skipped_and_reporte
         fit_select(x, ev, [1e-5, 0.01], kernel=bad, select_metric="ndcg@10")
 
 
-def test_the_fit_stage_reports_which_lambda_was_stabilised(tmp_path):
+def test_the_fit_stage_reports_which_lambda_was_stabilised(tmp_path, one_blas_thread):
     """tasks.fit on a summary of near-duplicate rows: the λ path in the report says which."""
     import polars as pl
 
