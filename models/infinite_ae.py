@@ -32,7 +32,7 @@ import scipy.sparse as sp
 
 from models.kernels import NTKConfig, accelerated as _accelerated, ntk_from_dots, pad_rows, row_sq_norms
 from models.linalg import spd_solve
-from models.metrics import METRIC_KEYS, RankingAccumulator, top_k_unseen
+from models.metrics import METRIC_KEYS, RankingAccumulator, finish_evaluation, top_k_unseen
 
 FULL_DATA_LAMBDAS: tuple[float, ...] = (0.0, 1.0, 5.0, 20.0, 50.0, 100.0)
 SUMMARY_LAMBDAS: tuple[float, ...] = (1e-5, 1e-3, 0.1, 1.0, 5.0, 50.0)
@@ -461,17 +461,6 @@ def batch_accumulator(scores: np.ndarray, data: EvalSet, plan: EvaluationPlan) -
     exact per-batch work of :func:`evaluate_score_batches` (merge the accumulators in batch order
     for its result)."""
     return _batch_metrics(0, scores, data, plan)
-
-
-def finish_evaluation(acc: RankingAccumulator, metrics: Iterable[str] | None = None,
-                      stats: dict[str, Any] | None = None) -> dict[str, float]:
-    """:func:`evaluate_score_batches`'s result from the merged accumulator of every batch."""
-    result = acc.result()
-    result = result if metrics is None else {key: result[key] for key in metrics if key in result}
-    if stats is not None:
-        ci = acc.intervals()
-        stats.update(users=acc.n_users, ci95={key: ci[key] for key in result if key in ci})
-    return result
 
 
 def _batch_metrics(start: int, scores: np.ndarray, data: EvalSet,

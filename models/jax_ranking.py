@@ -44,7 +44,7 @@ import numpy as np
 import scipy.sparse as sp
 from jax import lax
 
-from models.metrics import KS, METRIC_KEYS, Z95, auc_standard_error, pooled_auc
+from models.metrics import KS, METRIC_KEYS, finish_evaluation, mean_intervals, pooled_auc
 
 # how many times each jitted function of this module (and of models.jax_infae) was traced: a new
 # trace is a new compilation, so a test can check that a grid and its batches compile once
@@ -317,29 +317,12 @@ class DeviceAccumulator:
 
     def intervals(self) -> dict[str, float]:
         """As :meth:`models.metrics.RankingAccumulator.intervals`."""
-        n = self.n_users
-        out: dict[str, float] = {}
-        for key, total in self.sums.items():
-            if n < 2:
-                out[key] = 0.0
-                continue
-            mean = total / n
-            var = max(self.sq_sums.get(key, 0.0) / n - mean * mean, 0.0) * n / (n - 1)
-            out[key] = 100.0 * Z95 * float(np.sqrt(var / n))
-        if self.pos:
-            pos, neg = np.concatenate(self.pos), np.concatenate(self.neg)
-            out["auc"] = Z95 * auc_standard_error(pooled_auc(pos, neg), len(pos), len(neg))
-        return {key: out[key] for key in METRIC_KEYS if key in out}
+        return mean_intervals(self.sums, self.sq_sums, self.n_users, self.pos, self.neg)
 
 
 def finish(acc: DeviceAccumulator, metrics: Iterable[str] | None,
            stats: dict[str, Any] | None) -> dict[str, float]:
-    result = acc.result()
-    result = result if metrics is None else {key: result[key] for key in metrics if key in result}
-    if stats is not None:
-        ci = acc.intervals()
-        stats.update(users=acc.n_users, ci95={key: ci[key] for key in result if key in ci})
-    return result
+    return finish_evaluation(acc, metrics, stats)
 
 
 def pad_batch(scores: Any, b: int) -> Any:

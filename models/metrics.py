@@ -18,7 +18,7 @@ Every metric but AUC is reported ×100, averaged over users with ``p ≥ 1``. No
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import scipy.sparse as sp
@@ -207,22 +207,42 @@ class RankingAccumulator:
         AUC. An interval says how far a figure on a user sample may lie from the figure on every
         user; 0 for a single user.
         """
-        n = self.n_users
-        out: dict[str, float] = {}
-        for key, total in self.sums.items():
-            if n < 2:
-                out[key] = 0.0
-                continue
-            mean = total / n
-            var = max(self.sq_sums.get(key, 0.0) / n - mean * mean, 0.0) * n / (n - 1)
-            out[key] = 100.0 * Z95 * float(np.sqrt(var / n))
-        if self.pos_scores:
-            pos, neg = np.concatenate(self.pos_scores), np.concatenate(self.neg_scores)
-            out["auc"] = Z95 * auc_standard_error(pooled_auc(pos, neg), len(pos), len(neg))
-        return {key: out[key] for key in METRIC_KEYS if key in out}
+        return mean_intervals(self.sums, self.sq_sums, self.n_users, self.pos_scores,
+                              self.neg_scores)
 
 
 Z95 = 1.959964  # two-sided 95% quantile of the standard normal
+
+
+def mean_intervals(sums: dict[str, float], sq_sums: dict[str, float], n: int,
+                   pos_scores: list[np.ndarray], neg_scores: list[np.ndarray]) -> dict[str, float]:
+    """95% half-widths from per-user sums and sums of squares over ``n`` users (×100, as the
+    metrics), and Hanley & McNeil's for the pooled AUC (:meth:`RankingAccumulator.intervals`)."""
+    out: dict[str, float] = {}
+    for key, total in sums.items():
+        if n < 2:
+            out[key] = 0.0
+            continue
+        mean = total / n
+        var = max(sq_sums.get(key, 0.0) / n - mean * mean, 0.0) * n / (n - 1)
+        out[key] = 100.0 * Z95 * float(np.sqrt(var / n))
+    if pos_scores:
+        pos, neg = np.concatenate(pos_scores), np.concatenate(neg_scores)
+        out["auc"] = Z95 * auc_standard_error(pooled_auc(pos, neg), len(pos), len(neg))
+    return {key: out[key] for key in METRIC_KEYS if key in out}
+
+
+def finish_evaluation(acc: "RankingAccumulator", metrics: Iterable[str] | None = None,
+                      stats: dict[str, Any] | None = None) -> dict[str, float]:
+    """An evaluation's result from the merged accumulator of every batch (any accumulator with
+    ``result()``, ``intervals()`` and ``n_users``): the ``metrics`` wanted (None: all), and in
+    ``stats`` the users evaluated and the 95% half-widths."""
+    result = acc.result()
+    result = result if metrics is None else {key: result[key] for key in metrics if key in result}
+    if stats is not None:
+        ci = acc.intervals()
+        stats.update(users=acc.n_users, ci95={key: ci[key] for key in result if key in ci})
+    return result
 
 
 def auc_standard_error(auc: float, n_pos: int, n_neg: int) -> float:
