@@ -6,6 +6,7 @@ Nothing happens at import: entry points call :func:`apply_environment` once.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -127,18 +128,51 @@ def quiet() -> Callable[[str], None]:
 # -- Prefect task options ------------------------------------------------------------------------
 _TRANSIENT_MLFLOW_CODES = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
                            "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "ABORTED")
+# OS errors of a connection or a busy resource: the same call may succeed a second later
+_TRANSIENT_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ECONNREFUSED", "ECONNRESET", "ECONNABORTED", "ETIMEDOUT", "EPIPE", "EAGAIN", "EBUSY",
+    "EHOSTUNREACH", "ENETUNREACH", "ENETDOWN") if hasattr(errno, name))
 
 
-def _not_transient() -> tuple[type[BaseException], ...]:
-    import numpy as np
+def _transient_here(exc: BaseException) -> bool:
+    """Is this one exception (not its causes) known to be transient?"""
+    if isinstance(exc, (ConnectionError, TimeoutError)):  # refused, reset, broken pipe, timeouts
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    text = str(exc).lower()
+    # a locked SQLite (MLflow's or Prefect's database), whichever library raised it
+    if "database is locked" in text or "database table is locked" in text:
+        return True
+    if getattr(exc, "error_code", None) in _TRANSIENT_MLFLOW_CODES:  # MLflow: server-side trouble
+        return True
+    names = {cls.__module__.split(".")[0] + "." + cls.__name__ for cls in type(exc).__mro__}
+    # the HTTP clients' own connection and timeout errors (Prefect: httpx; MLflow: requests)
+    return bool(names & {"httpx.TransportError", "requests.ConnectionError", "requests.Timeout",
+                         "urllib3.ProtocolError", "urllib3.NewConnectionError"})
 
-    return (InputError, ValueError, TypeError, KeyError, MemoryError, FloatingPointError,
-            np.linalg.LinAlgError)
+
+def is_transient(exc: BaseException) -> bool:
+    """True only for errors known to be transient — a connection refused or reset, a timeout, a
+    locked SQLite, MLflow's server-side codes — here or anywhere in the chain of causes (MLflow and
+    Prefect wrap them). Everything else (bad input, bad numbers, a bug) is not retried: retrying
+    it only delays the one-line error the user gets."""
+    from tasks.stop import Interrupted
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (InputError, Interrupted)):  # the user's input, or told to stop
+            return False
+        if _transient_here(exc):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return False
 
 
 def retry_transient(_task: Any, _task_run: Any, state: Any) -> bool:
-    """Retry unless the failure is deterministic (bad input, bad numbers): retrying those only
-    delays the one-line error the user gets."""
+    """Prefect's ``retry_condition_fn`` of the stages that touch files or services: retry an
+    allow-listed transient error (:func:`is_transient`), never after a stop request."""
     from tasks import stop
 
     if stop.requested():  # told to stop: a failure now is the stop's (a child killed with us)
@@ -147,12 +181,9 @@ def retry_transient(_task: Any, _task_run: Any, state: Any) -> bool:
     if exc is None:
         try:
             exc = state.result(raise_on_failure=False)
-        except Exception:  # noqa: BLE001 - unreadable result: treat as transient
-            return True
-    if isinstance(exc, _not_transient()):
-        return False
-    code = getattr(exc, "error_code", None)  # MlflowException: only server-side trouble is retried
-    return code is None or code in _TRANSIENT_MLFLOW_CODES
+        except Exception:  # noqa: BLE001 - unreadable result: nothing says it was transient
+            return False
+    return isinstance(exc, BaseException) and is_transient(exc)
 
 
 def task_options(io: bool = True) -> dict[str, Any]:
