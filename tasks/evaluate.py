@@ -26,7 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 from prefect import task
 
-from models.baselines import EASE_LAMBDAS, PopRec, fit_ease_select
+from models.baselines import EASE_LAMBDAS, PopRec, fit_ease_select, most_popular_items
 from models.infinite_ae import InfAE, batch_rows, evaluate, evaluate_score_batches
 from models.kernels import NTKConfig
 from models.metrics import sample_users
@@ -94,13 +94,6 @@ def baseline_metrics(dataset: Dataset, *, ease_lambdas: Sequence[float] | None =
                  "test_ci95": ease_test_stats["ci95"], "description": description,
                  "items": int(ease.n_items_fitted), "coverage": coverage, "lambda_path": path},
     }
-
-
-def most_popular_items(train: sp.spmatrix, n: int) -> np.ndarray:
-    """The ``n`` items with the most train interactions (ties by lower id), sorted by id."""
-    counts = np.asarray(train.sum(axis=0)).ravel()
-    order = np.lexsort((np.arange(counts.size), -counts))
-    return np.sort(order[:n])
 
 
 def reference_metrics(dataset: Dataset, *, max_users: int = 20000, seed: int = 0,
@@ -239,14 +232,15 @@ def run(params: Params, log: Optional[Callable[[str], None]] = None) -> dict[str
                             ease=ease, log=log)
     ref = candidate.pop("reference", None)
     kernel = _kernel_of(candidate, f.depth)
+    ref_seed, batch_size = ev.reference_seed, f.batch_size
     if ref is not None and ref.get("lambdas") == list(f.lambdas) and (
             dataset.n_users <= ev.reference_max_users):
         ref = {k: ref[k] for k in ("description", "lambda", "val", "test", "test_ci95")}
         ref["description"] += " (the fit stage's ∞-AE: same kernel, λ grid and data)"
     else:
-        ref = reference_metrics(dataset, max_users=ev.reference_max_users, seed=ev.reference_seed,
+        ref = reference_metrics(dataset, max_users=ev.reference_max_users, seed=ref_seed,
                                 lambdas=f.lambdas, depth=f.depth, select_metric=metric,
-                                batch_size=f.batch_size, eval_max_users=ev.max_users,
+                                batch_size=batch_size, eval_max_users=ev.max_users,
                                 sample_seed=ev.sample_seed, dask_address=ev.dask_address,
                                 kernel=kernel, log=log)
     log(f"reference: {ref['description']}, λ={ref['lambda']:g}, test {metric}="

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 from prefect import task
 
-from models.baselines import EASE, EASE_LAMBDAS, fit_ease_select
+from models.baselines import EASE, EASE_LAMBDAS, fit_ease_select, most_popular_items
 from models.blend import Blend, mix, select_weight, zscore_rows
 from models.infinite_ae import (FULL_DATA_LAMBDAS, SUMMARY_LAMBDAS, InfAE, LambdaGridError,
                                 batch_accumulator, batch_rows, evaluate, evaluation_plan,
@@ -417,8 +417,6 @@ def tuned_ease(dataset: Dataset, val: Any, params: Params,
     """EASE with λ of ``evaluate.ease_lambdas`` chosen on validation ``selection.metric`` (on the
     ``evaluate.ease_max_items`` most popular items above that many) — the same EASE the gates
     compare with: the evaluate stage reuses this block (``lambdas``, ``max_items`` say which)."""
-    from tasks.evaluate import most_popular_items
-
     ev, metric = params.evaluate, params.selection.metric
     lambdas = list(ev.ease_lambdas or EASE_LAMBDAS)
     items = None

@@ -158,8 +158,9 @@ class FitParams(_Section):
 
     def kernel_grid(self) -> list[tuple[int, float, float]]:
         """The searched ``(depth, σ_w², σ_b²)`` in grid order."""
-        return [(d, w, b) for d in (self.kernel_depths or (self.depth,))
-                for w in self.w_vars for b in self.b_vars]
+        default = (self.depth,)
+        depths = default if self.kernel_depths is None else self.kernel_depths
+        return [(d, w, b) for d in depths for w in self.w_vars for b in self.b_vars]
 
 
 class DistillParams(_Section):
@@ -531,6 +532,13 @@ def with_overrides(params: Params, overrides: dict[str, Any], source: str = "ove
     return parse_params(data, source)
 
 
+def _yaml11_keys(node: Any) -> Any:
+    """``node`` with the keys YAML 1.1 reads as the boolean true (a bare ``on``) named "on"."""
+    if isinstance(node, dict):
+        return {("on" if k is True else k): _yaml11_keys(v) for k, v in node.items()}
+    return node
+
+
 def set_in_file(path: str | Path, dotted: str, value: Any) -> bool:
     """Set ``section.key`` in a YAML params file, keeping its layout and comments (the rest of
     the file is unchanged, which is checked). Returns False when it already had that value."""
@@ -567,12 +575,12 @@ def set_in_file(path: str | Path, dotted: str, value: Any) -> bool:
                            if ln.strip()), "  ")
             lines.insert(head + 1, f"{indent}{key}: {rendered}\n")
     new_text = "".join(lines)
-    expected = json.loads(json.dumps(data))
+    expected = json.loads(json.dumps(_yaml11_keys(data)))
     expected.setdefault(section, {})
     if expected[section] is None:
         expected[section] = {}
     expected[section][key] = value
-    if yaml.safe_load(new_text) != expected:
+    if json.loads(json.dumps(_yaml11_keys(yaml.safe_load(new_text)))) != expected:
         raise InputError(f"{path}: cannot set {dotted} without rewriting the file; set it by hand")
     parse_params(yaml.safe_load(new_text), str(path))
     write_text(path, new_text)
