@@ -110,7 +110,7 @@ def test_prefect_report_artifact(two_runs):
     assert len(texts) == 2
     latest = next(t for t in texts if second["run_id"] in t)
     assert f"{MODEL_NAME} v2" in latest and "REJECTED" in latest
-    assert "| fidelity | FAIL |" in latest and "| candidate (summary) | test |" in latest
+    assert "| fidelity | FAIL |" in latest and "∞-AE on all users) | test |" in latest
 
 
 def test_a_rejected_run_is_named_rejected_in_prefect(two_runs):
