@@ -564,11 +564,12 @@ def set_in_file(path: str | Path, dotted: str, value: Any) -> bool:
         end = head + 1
         while end < len(lines) and (lines[end].startswith((" ", "\t")) or not lines[end].strip()):
             end += 1
-        pattern = re.compile(rf"^(\s+){re.escape(key)}:[^#\n]*?(\s+#.*)?$")
+        # the key bare or quoted ("on" is quoted in params.yaml: YAML 1.1 reads a bare on as true)
+        pattern = re.compile(rf"^(\s+)([\"']?){re.escape(key)}\2:[^#\n]*?(\s+#.*)?$")
         for i in range(head + 1, end):
             m = pattern.match(lines[i].rstrip("\n"))
             if m:
-                lines[i] = f"{m.group(1)}{key}: {rendered}{m.group(2) or ''}\n"
+                lines[i] = f"{m.group(1)}{m.group(2)}{key}{m.group(2)}: {rendered}{m.group(3) or ''}\n"
                 break
         else:
             indent = next((re.match(r"^(\s+)", ln).group(1) for ln in lines[head + 1:end]
