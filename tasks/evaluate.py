@@ -3,14 +3,16 @@
 ``run(params)`` reads the processed data, the candidate's metrics (``<state_dir>/model``) and the
 distill report, and writes ``<reports_dir>/evaluation.json`` (DVC metrics) with
 
-* ``candidate`` — the summary-fitted ∞-AE (val/test, from the fit stage);
+* ``candidate`` — the fit stage's candidate (its family, val/test, every family's figures);
 * ``poprec`` and ``ease`` — PopRec and EASE (λ of ``evaluate.ease_lambdas`` on validation
-  ``selection.metric``), val/test;
-* ``reference`` — ∞-AE fitted on all users (``fit.lambdas``, ``fit.depth``), or on a sample of
-  ``evaluate.reference_max_users`` when the n × n kernel would not fit: gate (c)'s reference;
+  ``selection.metric``; the fit stage's tuned EASE when it has one for the same grid), val/test;
+* ``reference`` — ∞-AE fitted on all users with the candidate's kernel (``fit.lambdas``; the fit
+  stage's own fit when it was on all users), or on a sample of ``evaluate.reference_max_users``
+  when the n × n kernel would not fit: gate (c)'s reference;
 * ``random_users`` — ∞-AE on ``budget`` random users (from the distill report);
 * ``summary`` — the ratios the gates and ``dvc metrics`` show (``fidelity`` = candidate test /
-  reference test on the selection metric).
+  reference test on the selection metric; ``summary_fidelity`` the same for ∞-AE on the summary
+  alone).
 
 :func:`evaluate_model_on` scores any fitted ∞-AE (e.g. the champion) on a data set whose item map
 may differ. Entry points: :func:`evaluate_task` and ``infrec evaluate --params params.yaml``.

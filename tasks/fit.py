@@ -1,14 +1,18 @@
-"""Fit stage: ∞-AE on the summary (the candidate), λ chosen on validation, evaluated on test.
+"""Fit stage: the candidate — NTK and λ chosen on the summary, ∞-AE on all users or on the
+summary (``fit.on``), the families of ``fit.families`` compared on validation.
 
-``run(params)`` reads ``<state_dir>/data/processed`` and ``<state_dir>/data/summary.parquet``,
-fits ∞-AE on the summary for every λ of ``fit.summary_lambdas`` (one kernel), keeps the λ with
-the best validation ``selection.metric``, evaluates it on test and writes
+``run(params)`` reads ``<state_dir>/data/processed`` and ``<state_dir>/data/summary.parquet`` and
+calls :func:`fit_candidate` (the steps are in its docstring), then writes
 
-* ``<state_dir>/model`` — the model directory (:mod:`tasks.model_store`);
-* ``<reports_dir>/metrics.json`` — ``{"lambda", "val": {…}, "test": {…}}`` (DVC metrics);
-* ``<reports_dir>/lambda_path.json`` and ``plots/lambda_path.png`` — metric versus λ.
+* ``<state_dir>/model`` — the model directory of the family kept (:mod:`tasks.model_store`);
+* ``<reports_dir>/metrics.json`` — the candidate's ``family``, ``fit_on``, ``lambda``, ``val``,
+  ``test``, and ``families`` (every family's val/test/seconds), ``kernel_search``,
+  ``summary_model`` (∞-AE on the summary alone), ``ease`` and ``reference`` (reused by the
+  evaluate stage) (DVC metrics);
+* ``<reports_dir>/lambda_path.json`` and ``plots/lambda_path.png`` — the candidate ∞-AE's
+  validation metrics versus λ.
 
-:func:`fit_dataset` is the same fit on any support (all users, a user sample, a summary file):
+:func:`fit_dataset` is one ∞-AE fit on any support (all users, a user sample, a summary file):
 the evaluate stage's full-data reference and the sweeps use it. Entry points: :func:`fit_task`
 and ``infrec fit --params params.yaml`` — both call ``run``.
 """
