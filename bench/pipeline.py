@@ -186,6 +186,8 @@ def families_table(result: dict) -> str:
         mark = "  ← registered" if name == result.get("registered") else ""
         lines.append(f"{name:<16} {row['val']:>12.2f} {row['test']:>13.2f} {sec:>8}{mark}")
     if result.get("registered"):
+        lines.append("(seconds: fit and validation of the family — the blend's on top of ∞-AE's; "
+                     "test scoring of every family is one shared pass)")
         lines.append(f"registered: {result['why']}; ∞-AE fitted on {result['fit_on']}; "
                      f"kernel {result['kernel']}")
     lines.append(f"verdict: {'PROMOTED' if result['promoted'] else 'REJECTED'}"
