@@ -173,6 +173,19 @@ def test_evaluate_stage_reuses_the_fit_stages_ease_and_reference(state):
     assert s["family"] == m["family"] and s["fit_on"] == "full"
     assert s["summary_fidelity"] == pytest.approx(
         m["summary_model"]["test"]["ndcg@10"] / m["families"]["infinite_ae"]["test"]["ndcg@10"])
+    # what the MLflow run records: the kernel chosen, every kernel tried, every family, the choice
+    from tasks.io import read_json
+    from tasks.register import run_metrics, selection_params
+
+    metrics = run_metrics(evaluation, read_json(p.paths().distill_report, "distill"), {})
+    assert metrics["kernel/depth"] == m["kernel"]["depth"]
+    assert metrics["kernel/b_var"] == m["kernel"]["b_var"]
+    assert sum(k.startswith("kernel_search/") and k.endswith("/ndcg_at_10") for k in metrics) == 4
+    for family in ("infinite_ae", "blend"):
+        assert metrics[f"family/{family}/test/ndcg_at_10"] == m["families"][family]["test"]["ndcg@10"]
+    chosen = selection_params(evaluation["candidate"])
+    assert chosen["candidate.family"] == m["family"] and chosen["candidate.fit_on"] == "full"
+    assert chosen["candidate.kernel"].startswith(f"depth={m['kernel']['depth']}")
 
 
 @pytest.mark.parametrize("fit, needle", [
