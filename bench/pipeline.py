@@ -10,12 +10,16 @@ remote; a temporary Prefect server), then the figures it recorded.
 log-normal user activity, Zipf ``--zipf`` item popularity, ``--groups`` taste groups, ``--seed``)
 into the temporary folder and runs on it; the JSON line then carries its shape as ``log``.
 
-Progress goes to stderr; the last stdout line is one JSON object::
+Progress goes to stderr; stdout has a table of the candidate families (validation and test
+selection metric, seconds; which was registered and why) and the verdict, then, as its last line,
+one JSON object::
 
     {"seconds": {"ingest": s, …, "promote": s, "total": s}, "peak_rss_mb": {"ingest": mb, …,
      "run": mb}, "candidate": {"val": {…}, "test": {…}, "test_ci95": {…}}, "sample": {…},
      "random": {"test": {…}}, "full": {"test": {…}}, "fidelity": f, "promoted": bool,
-     "reasons": [...], "selection_metric": "ndcg@10", "distill": {...}, "loadavg": [...]}
+     "reasons": [...], "selection_metric": "ndcg@10", "distill": {...}, "loadavg": [...],
+     "families": {name: {"val", "test", "seconds"}}, "registered": family, "why": "...",
+     "fit_on": "full", "kernel": {...}, "kernel_search": [...], "weight": w}
 
 ``seconds.total`` is the wall time of the `infrec run` command (start-up, the temporary Prefect
 server and MLflow included); the stage figures are what the flow measured around each task.
@@ -142,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
             "selection_metric": metric,
             "distill": {k: distill.get(k) for k in ("budget", "best_step", "steps_run", "lambda",
                                                     "coverage", "eval_users")},
+            **candidate_families(evaluation, metric),
             "loadavg": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
         }
     finally:
@@ -149,8 +154,45 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(root, ignore_errors=True)
         else:
             sys.stderr.write(f"workspace kept in {root}\n")
+    print(families_table(result))
     print(json.dumps(result))
     return result
+
+
+def candidate_families(evaluation: dict, metric: str) -> dict:
+    """The fit stage's families (validation and test ``metric``, seconds), the one registered and
+    why, what ∞-AE was fitted on and the NTK chosen on the summary."""
+    cand = evaluation["candidate"]
+    if not cand.get("family"):
+        return {}
+    rows = {name: {"val": block["val"][metric], "test": block["test"][metric],
+                   "seconds": block.get("seconds")}
+            for name, block in cand["families"].items()}
+    rows["summary ∞-AE"] = {"val": cand["summary_model"]["val"][metric],
+                            "test": cand["summary_model"]["test"][metric], "seconds": None}
+    rows["EASE (gate a)"] = {"val": evaluation["ease"]["val"][metric],
+                             "test": evaluation["ease"]["test"][metric], "seconds": None}
+    return {"families": rows, "registered": cand["family"], "why": cand["selected_because"],
+            "fit_on": cand["fit_on"], "kernel": cand.get("kernel"),
+            "kernel_search": cand.get("kernel_search"), "weight": cand.get("weight")}
+
+
+def families_table(result: dict) -> str:
+    """A plain table of each family's figures and the verdict, printed before the JSON line."""
+    metric = result["selection_metric"]
+    lines = [f"{'family':<16} {'val ' + metric:>12} {'test ' + metric:>13} {'seconds':>8}"]
+    for name, row in (result.get("families") or {}).items():
+        sec = "-" if row["seconds"] is None else f"{row['seconds']:.1f}"
+        mark = "  ← registered" if name == result.get("registered") else ""
+        lines.append(f"{name:<16} {row['val']:>12.2f} {row['test']:>13.2f} {sec:>8}{mark}")
+    if result.get("registered"):
+        lines.append("(seconds: fit and validation of the family — the blend's on top of ∞-AE's; "
+                     "test scoring of every family is one shared pass)")
+        lines.append(f"registered: {result['why']}; ∞-AE fitted on {result['fit_on']}; "
+                     f"kernel {result['kernel']}")
+    lines.append(f"verdict: {'PROMOTED' if result['promoted'] else 'REJECTED'}"
+                 + "".join(f"\n  {r}" for r in result["reasons"]))
+    return "\n".join(lines)
 
 
 def _seconds(stdout: str) -> dict[str, float]:

@@ -108,7 +108,15 @@ def _print_result(result: dict[str, Any]) -> None:
                f"{result['run_id']}, data {result['data_version']}, summary "
                f"{result['summary_hash']})")
     typer.echo(f"candidate test: {_metric_line(result['candidate']['test'])}")
+    cand = result["evaluation"]["candidate"]
+    if cand.get("family"):
+        typer.echo(f"  family {cand['selected_because']}; ∞-AE fitted on "
+                   f"{'all training users' if cand.get('fit_on') == 'full' else 'the summary'} "
+                   f"(fit.on: {cand.get('fit_on_setting')})")
     summary = result["evaluation"]["summary"]
+    if "summary_fidelity" in summary and cand.get("fit_on") != "summary":
+        typer.echo(f"  ∞-AE on the summary alone: {result['metric']} {summary['summary_test']:.2f}"
+                   f", fidelity {summary['summary_fidelity']:.3f} of ∞-AE on all users")
     if "random_users_test" in summary:
         typer.echo(f"  vs {result['distill']['budget']} random users: "
                    f"{result['metric']} {summary['random_users_test']:.2f}; fidelity "

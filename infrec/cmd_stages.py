@@ -77,8 +77,9 @@ def distill(params: Optional[Path] = params_option(),
 
 def fit(params: Optional[Path] = params_option(),
         quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP)) -> None:
-    """Fit ∞-AE on the summary (λ of fit.summary_lambdas by validation selection.metric),
-    evaluate on test, write <state_dir>/model and reports/metrics.json."""
+    """Fit the candidate: NTK and λ chosen on the summary, ∞-AE on all users or the summary
+    (fit.on), the families of fit.families compared on validation selection.metric; write
+    <state_dir>/model and reports/metrics.json."""
     from tasks.fit import run
 
     with stoppable("infrec fit", defer="fit"):

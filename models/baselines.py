@@ -74,6 +74,13 @@ class EASE:
             yield start, scores
 
 
+def most_popular_items(train: sp.spmatrix, n: int) -> np.ndarray:
+    """The ``n`` items with the most train interactions (ties by lower id), sorted by id."""
+    counts = np.asarray(train.sum(axis=0)).ravel()
+    order = np.lexsort((np.arange(counts.size), -counts))
+    return np.sort(order[:n])
+
+
 def ease_weights(gram: np.ndarray, lam: float) -> np.ndarray:
     """EASE's B from the item Gram ``XᵀX`` (float64 solve for stability)."""
     g = gram.astype(np.float64, copy=True)

@@ -3,14 +3,16 @@
 ``run(params)`` reads the processed data, the candidate's metrics (``<state_dir>/model``) and the
 distill report, and writes ``<reports_dir>/evaluation.json`` (DVC metrics) with
 
-* ``candidate`` — the summary-fitted ∞-AE (val/test, from the fit stage);
+* ``candidate`` — the fit stage's candidate (its family, val/test, every family's figures);
 * ``poprec`` and ``ease`` — PopRec and EASE (λ of ``evaluate.ease_lambdas`` on validation
-  ``selection.metric``), val/test;
-* ``reference`` — ∞-AE fitted on all users (``fit.lambdas``, ``fit.depth``), or on a sample of
-  ``evaluate.reference_max_users`` when the n × n kernel would not fit: gate (c)'s reference;
+  ``selection.metric``; the fit stage's tuned EASE when it has one for the same grid), val/test;
+* ``reference`` — ∞-AE fitted on all users with the candidate's kernel (``fit.lambdas``; the fit
+  stage's own fit when it was on all users), or on a sample of ``evaluate.reference_max_users``
+  when the n × n kernel would not fit: gate (c)'s reference;
 * ``random_users`` — ∞-AE on ``budget`` random users (from the distill report);
 * ``summary`` — the ratios the gates and ``dvc metrics`` show (``fidelity`` = candidate test /
-  reference test on the selection metric).
+  reference test on the selection metric; ``summary_fidelity`` the same for ∞-AE on the summary
+  alone).
 
 :func:`evaluate_model_on` scores any fitted ∞-AE (e.g. the champion) on a data set whose item map
 may differ. Entry points: :func:`evaluate_task` and ``infrec evaluate --params params.yaml``.
@@ -18,6 +20,7 @@ may differ. Entry points: :func:`evaluate_task` and ``infrec evaluate --params p
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -25,8 +28,9 @@ import numpy as np
 import scipy.sparse as sp
 from prefect import task
 
-from models.baselines import EASE_LAMBDAS, PopRec, fit_ease_select
+from models.baselines import EASE_LAMBDAS, PopRec, fit_ease_select, most_popular_items
 from models.infinite_ae import InfAE, batch_rows, evaluate, evaluate_score_batches
+from models.kernels import NTKConfig
 from models.metrics import sample_users
 from tasks.cluster import evaluate_scorer
 from tasks.data import Dataset, load_dataset
@@ -42,6 +46,7 @@ def baseline_metrics(dataset: Dataset, *, ease_lambdas: Sequence[float] | None =
                      select_metric: str = "hr@100", max_users: int | None = None,
                      sample_seed: int = 0, ease_max_items: int | None = None,
                      dask_address: str | None = None, batch_size: int = 4096,
+                     ease: dict[str, Any] | None = None,
                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """``{"poprec": {"val", "test"}, "ease": {"lambda", "val", "test", "lambda_path",
     "description", "items", "coverage"}}`` on the same user sample as every other model
@@ -55,6 +60,12 @@ def baseline_metrics(dataset: Dataset, *, ease_lambdas: Sequence[float] | None =
     pop_test_stats: dict[str, Any] = {}
     pop_test = evaluate_scorer(pop, test, batch_size=batch_size, address=dask_address,
                                stats=pop_test_stats)
+    if ease is not None:  # the fit stage's tuned EASE (same data, grid and metric): reused
+        say_(f"PopRec val {select_metric}={pop_val[select_metric]:.2f}; {ease['description']}: "
+             f"λ={ease['lambda']:g} (tuned in the fit stage)")
+        return {"poprec": {"val": pop_val, "test": pop_test, "test_ci95": pop_test_stats["ci95"]},
+                "ease": {k: ease[k] for k in ("lambda", "val", "test", "test_ci95", "description",
+                                              "items", "coverage")}}
     items = None
     if ease_max_items is not None and dataset.n_items > ease_max_items:
         items = most_popular_items(dataset.train, ease_max_items)
@@ -87,21 +98,15 @@ def baseline_metrics(dataset: Dataset, *, ease_lambdas: Sequence[float] | None =
     }
 
 
-def most_popular_items(train: sp.spmatrix, n: int) -> np.ndarray:
-    """The ``n`` items with the most train interactions (ties by lower id), sorted by id."""
-    counts = np.asarray(train.sum(axis=0)).ravel()
-    order = np.lexsort((np.arange(counts.size), -counts))
-    return np.sort(order[:n])
-
-
 def reference_metrics(dataset: Dataset, *, max_users: int = 20000, seed: int = 0,
                       lambdas: Sequence[float] | None = None, depth: int = 1,
                       select_metric: str = "hr@100", batch_size: int = 2048,
                       eval_max_users: int | None = None, sample_seed: int = 0,
-                      dask_address: str | None = None,
+                      dask_address: str | None = None, kernel: NTKConfig | None = None,
                       log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """∞-AE on all users (or a ``max_users`` sample): ``{"description", "lambda", "val", …}``,
-    scored on the evaluation sample (``eval_max_users``, ``sample_seed``) like every model."""
+    scored on the evaluation sample (``eval_max_users``, ``sample_seed``) like every model.
+    ``kernel``: its NTK (default: ``depth`` with the paper's variances)."""
     from tasks.fit import fit_dataset
 
     n = dataset.n_users
@@ -122,7 +127,8 @@ def reference_metrics(dataset: Dataset, *, max_users: int = 20000, seed: int = 0
     model, report = fit_dataset(dataset, lambdas=lambdas, depth=depth, user_support=user_support,
                                 seed=seed, select_metric=select_metric, batch_size=batch_size,
                                 max_users=eval_max_users, sample_seed=sample_seed,
-                                dask_address=dask_address, support_users=support_users, log=log)
+                                dask_address=dask_address, support_users=support_users,
+                                kernel=kernel, log=log)
     return {"description": description, "lambda": model.lam,
             "val": report["metrics"]["val"], "test": report["metrics"]["test"],
             "test_ci95": report["metrics"]["test_ci95"]}
@@ -164,6 +170,16 @@ def evaluate_model_on(model: InfAE, model_item_ids: np.ndarray, dataset: Dataset
     return evaluate_score_batches(batches(), evalset)
 
 
+def _kernel_of(candidate: dict[str, Any], depth: int) -> NTKConfig:
+    """The candidate's NTK (chosen on the summary by the fit stage): gate (c)'s reference is
+    ∞-AE on all users with the same kernel. A report without one: ``depth``, the paper's
+    variances."""
+    k = candidate.get("kernel")
+    if not k:
+        return NTKConfig(depth=depth)
+    return NTKConfig(depth=int(k["depth"]), w_std=math.sqrt(k["w_var"]), b_std=math.sqrt(k["b_var"]))
+
+
 def summarise(evaluation: dict[str, Any], metric: str) -> dict[str, float]:
     """The ratios shown by ``dvc metrics`` and the verdict, on the selection metric."""
     cand, ref = evaluation["candidate"], evaluation["reference"]
@@ -176,6 +192,13 @@ def summarise(evaluation: dict[str, Any], metric: str) -> dict[str, float]:
         "ease_fraction_val": _ratio(cand["val"][metric], evaluation["ease"]["val"][metric]),
         "pop_margin_val": cand["val"][metric] - evaluation["poprec"]["val"][metric],
     }
+    if cand.get("family"):
+        out["family"] = cand["family"]
+        out["fit_on"] = cand.get("fit_on")
+    summary_model = cand.get("summary_model")
+    if summary_model:  # the Distill-CF summary's own fidelity (∞-AE fitted on it alone)
+        out["summary_test"] = summary_model["test"][metric]
+        out["summary_fidelity"] = _ratio(summary_model["test"][metric], ref["test"][metric])
     sample = evaluation.get("sample") or cand.get("sample")
     if sample:
         out["test_users"] = sample["test_users"]
@@ -200,14 +223,28 @@ def run(params: Params, log: Optional[Callable[[str], None]] = None) -> dict[str
     dataset = load_dataset(paths.processed)
     candidate = read_json(paths.model / "metrics.json", "the fit stage's metrics")
     distill_report = read_json(paths.distill_report, "the distill stage's report")
+    ease = candidate.pop("ease", None)
+    if ease is not None and not (ease.get("lambdas") == list(ev.ease_lambdas or EASE_LAMBDAS)
+                                 and ease.get("max_items") == ev.ease_max_items
+                                 and ease.get("select_metric") == metric):
+        ease = None  # tuned with other settings: tune again
     base = baseline_metrics(dataset, ease_lambdas=ev.ease_lambdas, select_metric=metric,
                             max_users=ev.max_users, sample_seed=ev.sample_seed,
                             ease_max_items=ev.ease_max_items, dask_address=ev.dask_address,
-                            log=log)
-    ref = reference_metrics(dataset, max_users=ev.reference_max_users, seed=ev.reference_seed,
-                            lambdas=f.lambdas, depth=f.depth, select_metric=metric,
-                            batch_size=f.batch_size, eval_max_users=ev.max_users,
-                            sample_seed=ev.sample_seed, dask_address=ev.dask_address, log=log)
+                            ease=ease, log=log)
+    ref = candidate.pop("reference", None)
+    kernel = _kernel_of(candidate, f.depth)
+    ref_seed, batch_size = ev.reference_seed, f.batch_size
+    if ref is not None and ref.get("lambdas") == list(f.lambdas) and (
+            dataset.n_users <= ev.reference_max_users):
+        ref = {k: ref[k] for k in ("description", "lambda", "val", "test", "test_ci95")}
+        ref["description"] += " (the fit stage's ∞-AE: same kernel, λ grid and data)"
+    else:
+        ref = reference_metrics(dataset, max_users=ev.reference_max_users, seed=ref_seed,
+                                lambdas=f.lambdas, depth=f.depth, select_metric=metric,
+                                batch_size=batch_size, eval_max_users=ev.max_users,
+                                sample_seed=ev.sample_seed, dask_address=ev.dask_address,
+                                kernel=kernel, log=log)
     log(f"reference: {ref['description']}, λ={ref['lambda']:g}, test {metric}="
         f"{ref['test'][metric]:.2f}")
     base["ease"].pop("lambda_path", None)

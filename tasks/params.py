@@ -100,11 +100,67 @@ class FitParams(_Section):
     lambdas: tuple[float, ...] = (0.0, 1.0, 5.0, 20.0, 50.0, 100.0)  # fits on all users
     summary_lambdas: tuple[float, ...] = (1e-5, 1e-3, 0.1, 1.0, 5.0, 50.0)  # fits on summaries
     batch_size: int = Field(2048, ge=1, le=1_000_000)
+    # what the candidate's final ∞-AE is fitted on: every training user (``full``), the Distill-CF
+    # summary (``summary``), or ``auto``: every user when there are at most ``full_max_users``
+    on: Literal["auto", "summary", "full"] = "auto"
+    full_max_users: int = Field(20000, ge=1)
+    # the NTK grid searched on the summary (validation selection.metric, λ of summary_lambdas):
+    # depths (null: [fit.depth]) × weight variances σ_w² × bias variances σ_b²
+    kernel_depths: Optional[tuple[int, ...]] = None
+    w_vars: tuple[float, ...] = (2.0,)
+    b_vars: tuple[float, ...] = (0.01,)
+    # candidate families fitted and compared on validation; the best is registered
+    families: tuple[Literal["infinite_ae", "blend"], ...] = ("infinite_ae", "blend")
+    # the blend's weight of EASE (z-scored scores), chosen on validation from this grid
+    blend_weights: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
     @field_validator("lambdas", "summary_lambdas")
     @classmethod
     def _grids(cls, values: tuple[float, ...]) -> tuple[float, ...]:
         return _non_negative_grid(values)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, raw: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads the bare key ``on`` as the boolean true; DVC (YAML 1.2) and
+        # every user mean the key "on"
+        if isinstance(raw, dict) and True in raw:
+            raw = {("on" if k is True else k): v for k, v in raw.items()}
+        return raw
+
+    @field_validator("kernel_depths")
+    @classmethod
+    def _depths(cls, values: Optional[tuple[int, ...]]) -> Optional[tuple[int, ...]]:
+        if values is not None and (not values or any(not 1 <= v <= 8 for v in values)):
+            raise ValueError(f"must be a non-empty list of depths between 1 and 8, got {list(values)}")
+        return values
+
+    @field_validator("w_vars", "b_vars")
+    @classmethod
+    def _variances(cls, values: tuple[float, ...]) -> tuple[float, ...]:
+        if not values or any(v <= 0 for v in values):
+            raise ValueError(f"must be a non-empty list of positive variances, got {list(values)}")
+        return values
+
+    @field_validator("families")
+    @classmethod
+    def _families(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        if not values or len(set(values)) != len(values):
+            raise ValueError(f"must be a non-empty list of distinct families, got {list(values)}")
+        return values
+
+    @field_validator("blend_weights")
+    @classmethod
+    def _weights(cls, values: tuple[float, ...]) -> tuple[float, ...]:
+        if not values or any(not 0.0 <= v <= 1.0 for v in values):
+            raise ValueError(f"must be a non-empty list of weights in [0, 1], got {list(values)}")
+        return values
+
+    def kernel_grid(self) -> list[tuple[int, float, float]]:
+        """The searched ``(depth, σ_w², σ_b²)`` in grid order."""
+        default = (self.depth,)
+        depths = default if self.kernel_depths is None else self.kernel_depths
+        return [(d, w, b) for d in depths for w in self.w_vars for b in self.b_vars]
 
 
 class DistillParams(_Section):
@@ -476,6 +532,13 @@ def with_overrides(params: Params, overrides: dict[str, Any], source: str = "ove
     return parse_params(data, source)
 
 
+def _yaml11_keys(node: Any) -> Any:
+    """``node`` with the keys YAML 1.1 reads as the boolean true (a bare ``on``) named "on"."""
+    if isinstance(node, dict):
+        return {("on" if k is True else k): _yaml11_keys(v) for k, v in node.items()}
+    return node
+
+
 def set_in_file(path: str | Path, dotted: str, value: Any) -> bool:
     """Set ``section.key`` in a YAML params file, keeping its layout and comments (the rest of
     the file is unchanged, which is checked). Returns False when it already had that value."""
@@ -501,23 +564,24 @@ def set_in_file(path: str | Path, dotted: str, value: Any) -> bool:
         end = head + 1
         while end < len(lines) and (lines[end].startswith((" ", "\t")) or not lines[end].strip()):
             end += 1
-        pattern = re.compile(rf"^(\s+){re.escape(key)}:[^#\n]*?(\s+#.*)?$")
+        # the key bare or quoted ("on" is quoted in params.yaml: YAML 1.1 reads a bare on as true)
+        pattern = re.compile(rf"^(\s+)([\"']?){re.escape(key)}\2:[^#\n]*?(\s+#.*)?$")
         for i in range(head + 1, end):
             m = pattern.match(lines[i].rstrip("\n"))
             if m:
-                lines[i] = f"{m.group(1)}{key}: {rendered}{m.group(2) or ''}\n"
+                lines[i] = f"{m.group(1)}{m.group(2)}{key}{m.group(2)}: {rendered}{m.group(3) or ''}\n"
                 break
         else:
             indent = next((re.match(r"^(\s+)", ln).group(1) for ln in lines[head + 1:end]
                            if ln.strip()), "  ")
             lines.insert(head + 1, f"{indent}{key}: {rendered}\n")
     new_text = "".join(lines)
-    expected = json.loads(json.dumps(data))
+    expected = json.loads(json.dumps(_yaml11_keys(data)))
     expected.setdefault(section, {})
     if expected[section] is None:
         expected[section] = {}
     expected[section][key] = value
-    if yaml.safe_load(new_text) != expected:
+    if json.loads(json.dumps(_yaml11_keys(yaml.safe_load(new_text)))) != expected:
         raise InputError(f"{path}: cannot set {dotted} without rewriting the file; set it by hand")
     parse_params(yaml.safe_load(new_text), str(path))
     write_text(path, new_text)

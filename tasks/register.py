@@ -206,6 +206,21 @@ def run_metrics(evaluation: dict[str, Any], distill_report: dict[str, Any],
     for k, v in evaluation["summary"].items():
         if isinstance(v, (int, float)):
             metrics[key("evaluation", k)] = v
+    cand = evaluation["candidate"]
+    kernel = cand.get("kernel") or {}
+    metrics.update({f"kernel/{k}": float(v) for k, v in kernel.items()})
+    for row in cand.get("kernel_search") or []:  # the NTK search on the summary, one per kernel
+        if row.get("val"):
+            name = f"depth{row['depth']}_w{row['w_var']:g}_b{row['b_var']:g}"
+            metrics.update({key("kernel_search", name, k): v for k, v in row["val"].items()})
+            metrics[key("kernel_search", name, "lambda")] = row["lambda"]
+    for family, block in (cand.get("families") or {}).items():
+        for split in ("val", "test"):
+            metrics.update({key("family", family, split, k): v
+                            for k, v in (block.get(split) or {}).items()})
+        metrics[key("family", family, "seconds")] = block.get("seconds", float("nan"))
+    if "weight" in cand:
+        metrics["blend/weight"] = cand["weight"]
     metrics["distill/best_step"] = distill_report["best_step"]
     metrics["distill/budget"] = distill_report["budget"]
     metrics.update({f"seconds/{stage}": s for stage, s in seconds.items()})
@@ -240,8 +255,14 @@ def run(params: Params, lineage: Optional[dict[str, Any]] = None,
     cand = evaluation["candidate"]
     data_label = tags.get("data_version") or tags["data_hash"]
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    description = (f"Candidate ∞-AE on a {distill_report['sampler']} summary of "
-                   f"{distill_report['budget']} users, data {data_label}: test {metric} "
+    if cand.get("family"):
+        fitted_on = ("all training users" if cand.get("fit_on") == "full" else
+                     f"a {distill_report['sampler']} summary of {distill_report['budget']} users")
+        what = f"Candidate {cand['family']} (∞-AE on {fitted_on}; NTK chosen on the summary)"
+    else:
+        what = (f"Candidate ∞-AE on a {distill_report['sampler']} summary of "
+                f"{distill_report['budget']} users")
+    description = (f"{what}, data {data_label}: test {metric} "
                    f"{cand['test'][metric]:.2f}, fidelity {evaluation['summary']['fidelity']:.3f}"
                    f" (verdict pending)")
     histories = _curve_histories(paths.distill_curve)
@@ -252,6 +273,7 @@ def run(params: Params, lineage: Optional[dict[str, Any]] = None,
     run_params = registry.flatten("", {k: v for k, v in params.to_dict().items()
                                        if k not in ("tracking",)})
     run_params["lambda_path.lambdas"] = str([r["lambda"] for r in path])
+    run_params.update(selection_params(cand))
     files = [("reports", p) for p in (paths.metrics, paths.evaluation, paths.distill_report,
                                       paths.lambda_path, paths.distill_curve)]
     files += [("plots", p) for p in sorted(paths.plots.glob("*.png"))]
@@ -284,6 +306,22 @@ def run(params: Params, lineage: Optional[dict[str, Any]] = None,
     log(f"registered {name} version {version} (MLflow run {logged['run_id']}, data {data_label})")
     return {"model_name": name, "version": version, "run_id": logged["run_id"],
             "unchanged": False, "tags": tags}
+
+
+def selection_params(candidate: dict[str, Any]) -> dict[str, str]:
+    """What the fit stage chose, as run params: the family and why, what ∞-AE was fitted on,
+    the NTK and λ chosen (on the summary, by validation), the blend's weight."""
+    if not candidate.get("family"):
+        return {}
+    kernel = candidate.get("kernel") or {}
+    out = {"candidate.family": candidate["family"],
+           "candidate.selected_because": candidate.get("selected_because", "")[:500],
+           "candidate.fit_on": str(candidate.get("fit_on")),
+           "candidate.kernel": ", ".join(f"{k}={v:g}" for k, v in kernel.items()),
+           "candidate.lambda": f"{candidate['lambda']:g}"}
+    if "weight" in candidate:
+        out["candidate.blend_weight"] = f"{candidate['weight']:g}"
+    return out
 
 
 def serving_requirements() -> list[str]:

@@ -28,10 +28,27 @@ def failing_gates(result: dict[str, Any]) -> list[str]:
     return [g["name"] for g in verdict.get("gates", []) if not g["passed"]]
 
 
+def candidate_label(candidate: dict[str, Any]) -> str:
+    """``candidate (blend, ∞-AE on all users)``; ``candidate (summary)`` for a report from before
+    the families."""
+    family = candidate.get("family")
+    if not family:
+        return "candidate (summary)"
+    support = "∞-AE on all users" if candidate.get("fit_on") == "full" else "∞-AE on the summary"
+    return f"candidate ({family}, {support})"
+
+
 def report_markdown(result: dict[str, Any]) -> str:
     ev = result["evaluation"]
-    rows = [("candidate (summary)", ev["candidate"]), ("PopRec", ev["poprec"]),
-            ("EASE", ev["ease"]), (ev["reference"]["description"], ev["reference"])]
+    cand = ev["candidate"]
+    rows = [(candidate_label(cand), cand)]
+    for family, block in (cand.get("families") or {}).items():
+        if family != cand.get("family"):
+            rows.append((f"family {family} (not registered)", block))
+    if cand.get("summary_model") and cand.get("fit_on") != "summary":
+        rows.append((cand["summary_model"]["description"], cand["summary_model"]))
+    rows += [("PopRec", ev["poprec"]), ("EASE", ev["ease"]),
+             (ev["reference"]["description"], ev["reference"])]
     if ev.get("random_users"):
         rows.append(("random users (same budget)", ev["random_users"]))
     lines = [
@@ -48,6 +65,12 @@ def report_markdown(result: dict[str, Any]) -> str:
             vals = block.get(split) or {}
             lines.append(f"| {name} | {split} | "
                          + " | ".join(_fmt(vals.get(k)) for k in METRIC_KEYS) + " |")
+    if cand.get("selected_because"):
+        kernel = cand.get("kernel") or {}
+        lines += ["", f"Registered family: {cand['selected_because']}. NTK chosen on the summary: "
+                      f"depth {kernel.get('depth')}, σ_w² {kernel.get('w_var')}, σ_b² "
+                      f"{kernel.get('b_var')}; ∞-AE fitted on {cand.get('fit_on')} "
+                      f"(fit.on: {cand.get('fit_on_setting')})."]
     verdict = result.get("verdict")
     if verdict:
         lines += ["", "| gate | result | reason |", "|---|---|---|"]
@@ -72,4 +95,4 @@ def publish_report_task(result: dict[str, Any]) -> str:
     return markdown
 
 
-__all__ = ["report_markdown", "publish_report_task", "outcome", "failing_gates", "REPORT_KEY"]
+__all__ = ["report_markdown", "candidate_label", "publish_report_task", "outcome", "failing_gates", "REPORT_KEY"]

@@ -77,7 +77,7 @@ def test_run_is_tracked_with_metrics_curves_plots_and_lineage(two_runs, flow_env
             assert f"reference/{split}/{key}" in metrics
     assert metrics["val/ndcg_at_10"] == pytest.approx(first["candidate"]["val"]["ndcg@10"])
     lam_path = cl.get_metric_history(first["run_id"], "lambda_path/val/ndcg_at_10")
-    assert len(lam_path) == 6  # the summary λ grid
+    assert len(lam_path) == 6  # the λ grid of the candidate's ∞-AE (on all users: fit.lambdas)
     assert tags["data_hash"] == first["data_version"]  # unversioned run: the content hash
     assert run.info.run_name.startswith(first["data_version"] + "-")
     assert tags["summary_hash"] == first["summary_hash"]
@@ -110,7 +110,7 @@ def test_prefect_report_artifact(two_runs):
     assert len(texts) == 2
     latest = next(t for t in texts if second["run_id"] in t)
     assert f"{MODEL_NAME} v2" in latest and "REJECTED" in latest
-    assert "| fidelity | FAIL |" in latest and "| candidate (summary) | test |" in latest
+    assert "| fidelity | FAIL |" in latest and "∞-AE on all users) | test |" in latest
 
 
 def test_a_rejected_run_is_named_rejected_in_prefect(two_runs):

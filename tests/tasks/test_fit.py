@@ -29,7 +29,10 @@ def stage_params(tmp_path_factory):
     p = parse_params({"state_dir": str(root / "state"), "reports_dir": str(root / "reports"),
                       "generate": {"users": 400, "items": 150, "seed": 3},
                       "distill": {"sampler": "random", "budget": 80, "steps": 0},
-                      "fit": {"summary_lambdas": [1, 5, 20]}})
+                      # ∞-AE on the summary alone: this file tests that fit (the families and
+                      # fit.on full: tests/tasks/test_candidate.py)
+                      "fit": {"summary_lambdas": [1, 5, 20], "on": "summary",
+                              "families": ["infinite_ae"]}})
     quiet = lambda _m: None  # noqa: E731
     ingest.run(p, log=quiet)
     distill.run(p, log=quiet)
