@@ -8,11 +8,12 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DVC_NO_ANALYTICS ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: venv run test bench lock clean-state help server
+.PHONY: venv run test test-fast bench lock clean-state help server
 
 help:
 	@echo "make run    - create .venv if missing, run the pipeline on the embedded default data"
 	@echo "make test   - create .venv if missing, run the test suite"
+	@echo "make test-fast - the unit tests of models/ and tasks/ (no servers, DVC or subprocesses)"
 	@echo "make bench  - ML-1M benchmark of ∞-AE (needs ../shared/data)"
 	@echo "make server - Prefect server + UI on 127.0.0.1:$${PORT:-4200} (foreground)"
 
@@ -34,6 +35,10 @@ run: venv
 
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# the edit loop: models/ and tasks/ without the tests marked slow (servers, DVC, subprocesses)
+test-fast: venv
+	$(PY) -m pytest -q -n 2 -m "not slow and not realdata" tests/models tests/tasks
 
 server: venv
 	$(VENV)/bin/infrec server --port $(or $(PORT),4200)

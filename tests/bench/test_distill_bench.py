@@ -9,6 +9,8 @@ import pytest
 from tasks.ingest import ingest
 from tasks.synthetic import write_taste_popularity
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves it out: the Distill-CF bench as a subprocess
+
 FAST = ["--budget", "30", "--steps", "4", "--samples", "10", "--eval-every", "2",
         "--eval-steps", "", "--metric", "ndcg@10"]
 

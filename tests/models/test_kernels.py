@@ -10,6 +10,7 @@ def _binary(rng, n, m, density=0.2):
     return (rng.random((n, m)) < density).astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_closed_form_equals_stax_float64(depth):
     try:  # jax.experimental.enable_x64 is gone from newer jax (0.11 has jax.enable_x64)

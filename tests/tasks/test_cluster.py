@@ -12,6 +12,8 @@ from tasks.cluster import evaluate_scorer
 from tasks.errors import InputError
 from tests.models.test_infinite_ae import low_rank_data
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves it out: a Dask LocalCluster per test
+
 
 @pytest.fixture(scope="module")
 def cluster():

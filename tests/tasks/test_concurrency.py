@@ -12,6 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves it out: locks held by other processes
+
 HOLD = textwrap.dedent("""
     import json, sys, time
     from tasks.concurrency import prefect_server_configured, registry_slot

@@ -19,6 +19,8 @@ from tasks.params import parse_params
 REPO = Path(__file__).resolve().parents[2]
 from tests.helpers import clean_env  # noqa: E402
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves it out: the fit stage end to end, ML-1M
+
 
 @pytest.fixture(scope="module")
 def stage_params(tmp_path_factory):

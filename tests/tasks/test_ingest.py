@@ -617,6 +617,7 @@ def _stage_params(tmp_path: Path, src: Path, **ingest) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case,fragment",
     [("empty-csv", "file is empty"), ("missing-column", "'item_id'"), ("truncated-dat", "line 15"),
@@ -636,6 +637,7 @@ def test_cli_bad_input(tmp_path, case, fragment):
     assert_nothing_left(processed.parent, processed)
 
 
+@pytest.mark.slow
 def test_cli_directory_input_and_success(tmp_path):
     proc = subprocess.run([str(INFREC), "ingest", "--params",
                            str(_stage_params(tmp_path, tmp_path))],

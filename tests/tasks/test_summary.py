@@ -187,6 +187,7 @@ def test_distill_dataset_input_errors(processed, tmp_path):
         distill_dataset(tmp_path / "missing", tmp_path / "x.parquet")
 
 
+@pytest.mark.slow
 def test_distill_stage_reports_the_summary_beside_random_users(processed, tmp_path):
     """`infrec distill --params`: summary, curve CSV, plot and the report with its baseline."""
     import shutil

@@ -14,6 +14,8 @@ from tasks.dvc import (VERSION_BRANCH, get_version, list_versions, record_versio
 from tasks.errors import InputError
 from tasks.rollback import RestoreError, lock_cached_outs, open_cache, stage_version
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves it out: real git + DVC workspaces and remotes
+
 OUTS = ["data/processed", "data/summary.txt"]
 DVC_YAML = """stages:
   make:
