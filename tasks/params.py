@@ -526,7 +526,16 @@ def set_in_file(path: str | Path, dotted: str, value: Any) -> bool:
         for i in range(head + 1, end):
             m = pattern.match(lines[i].rstrip("\n"))
             if m:
+                block = not lines[i].split("#", 1)[0].split(":", 1)[1].strip()
                 lines[i] = f"{m.group(1)}{key}: {rendered}{m.group(2) or ''}\n"
+                if block:  # a block value below the key (a `- item` list, a mapping): replaced
+                    own = len(m.group(1))
+                    j = i + 1
+                    while j < end and lines[j].strip() and (
+                            len(lines[j]) - len(lines[j].lstrip()) > own
+                            or lines[j].lstrip().startswith("- ")):
+                        j += 1
+                    del lines[i + 1:j]
                 break
         else:
             indent = next((re.match(r"^(\s+)", ln).group(1) for ln in lines[head + 1:end]
