@@ -221,6 +221,7 @@ def clone_workspace(root: Path, api_url: Optional[str] = None,
     local DVC remote (``dvc remote add --local -d``: nothing committed changes)."""
     ws_root = root / "ws"
     sh(REPO, "git", "clone", "-q", "--no-tags", "--single-branch", str(REPO), str(ws_root))
+    assert sh(ws_root, "git", "for-each-ref", "refs/tags", "refs/heads/infrec") == ""
     ws = Workspace(ws_root, root / "dvc-remote", api_url)
     ws.write_params(**sections)
     ws.dvc("remote", "add", "--local", "-d", "store", str(ws.remote))
