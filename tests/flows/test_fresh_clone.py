@@ -50,7 +50,7 @@ def clone(tmp_path_factory):
     for name in ("requirements.lock", "pyproject.toml", "Makefile"):
         os.utime(root / name, (946684800, 946684800))
     c = Clone(root)
-    c.make_run = c.run("make", "run")
+    c.make_run = c.run("make", "run", timeout=2400)  # minutes idle; a shared 2-core machine is slower
     yield c
     shutil.rmtree(root / ".infrec", ignore_errors=True)
 
