@@ -69,7 +69,6 @@ def check_args(p, name: str, *, input: Optional[Path] = None, pool: Optional[str
     hashed fields); ``schedule.timezone`` is checked by the params schema; ``--input`` (or
     ``ingest.input``) parsed whole, the first bad line named."""
     from tasks.errors import InputError
-    from tasks.ingest import validate_params_input
 
     for what, value in (("--name", name), ("--pool", pool)):
         if value is not None and (not value.strip() or any(c in value for c in _BANNED)):
@@ -86,7 +85,10 @@ def check_args(p, name: str, *, input: Optional[Path] = None, pool: Optional[str
         raise InputError(f"schedule.cron {cron!r}: random and hashed expressions are unsupported")
     if input is not None and not input.is_file():
         raise InputError(f"{input}: input file not found")
-    validate_params_input(p, input)
+    if input is not None or p.ingest.input is not None:  # polars is imported only for a file
+        from tasks.ingest import validate_params_input
+
+        validate_params_input(p, input)
 
 
 # -- the deployment ------------------------------------------------------------------------------
