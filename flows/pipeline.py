@@ -29,7 +29,7 @@ from tasks.concurrency import writer_lock
 from tasks.distill import distill_task
 from tasks.evaluate import evaluate_task
 from tasks.fit import fit_task
-from tasks.ingest import ingest_task
+from tasks.ingest import ingest_task, point_log
 from tasks.params import Params
 from tasks.promote import promote_task
 from tasks.recovery import cancellable, recover, tag_flow_run
@@ -59,6 +59,7 @@ def pipeline(params: Params):
 
     with writer_lock(params):
         recover(params)
+        point_log(params)  # dvc.yaml's ingest dep: the file this run reads
         # the input's content, data, summary, params and code equal a registered version's: no
         # stage runs and nothing is registered (seconds, not minutes)
         result = timed("unchanged-check", unchanged_task, params, lineage)

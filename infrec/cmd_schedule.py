@@ -41,6 +41,56 @@ DEFAULT_PORT = DEFAULT_PREFECT_PORT
 DEFAULT_DEPLOYMENT = "scheduled"
 
 
+# -- checks before anything starts ------------------------------------------------------------------
+_BANNED = "/%&><"  # characters Prefect refuses in deployment and work pool names
+
+
+def _vendored_croniter() -> Any:
+    """Prefect's own cron parser (``prefect._vendor.croniter``, what its CronSchedule validates
+    with), loaded from its file: importing the ``prefect`` package first takes seconds."""
+    import importlib.util
+
+    name = "prefect._vendor.croniter.croniter"
+    if name in sys.modules:
+        return sys.modules[name].croniter
+    spec = importlib.util.find_spec("prefect")  # finds the package without importing it
+    path = Path(next(iter(spec.submodule_search_locations))) / "_vendor" / "croniter" / "croniter.py"
+    loaded = importlib.util.spec_from_file_location("_infrec_croniter", path)
+    module = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(module)
+    return module.croniter
+
+
+def check_args(p, name: str, *, input: Optional[Path] = None, pool: Optional[str] = None,
+               server_port: Optional[int] = None, startup_timeout: Optional[float] = None) -> None:
+    """Every argument and the params' schedule and input file, before anything is started or
+    written (a one-line :class:`InputError`; about a second: Prefect itself is not imported).
+    ``schedule.cron`` as Prefect's CronSchedule validates it (its own croniter, no random or
+    hashed fields); ``schedule.timezone`` is checked by the params schema; ``--input`` (or
+    ``ingest.input``) parsed whole, the first bad line named."""
+    from tasks.errors import InputError
+
+    for what, value in (("--name", name), ("--pool", pool)):
+        if value is not None and (not value.strip() or any(c in value for c in _BANNED)):
+            raise InputError(f"{what} {value!r}: a Prefect name, not empty and without any of "
+                             f"{' '.join(_BANNED)}")
+    if server_port is not None and not 1 <= server_port <= 65535:
+        raise InputError(f"--server-port {server_port}: a TCP port is 1–65535")
+    if startup_timeout is not None and not startup_timeout > 0:
+        raise InputError(f"--startup-timeout {startup_timeout}: seconds, more than 0")
+    cron = p.schedule.cron
+    if not _vendored_croniter().is_valid(cron):
+        raise InputError(f"schedule.cron {cron!r}: Invalid cron string: \"{cron}\"")
+    if any(field.casefold() in ("r", "h") for field in cron.split()):
+        raise InputError(f"schedule.cron {cron!r}: random and hashed expressions are unsupported")
+    if input is not None and not input.is_file():
+        raise InputError(f"{input}: input file not found")
+    if input is not None or p.ingest.input is not None:  # polars is imported only for a file
+        from tasks.ingest import validate_params_input
+
+        validate_params_input(p, input)
+
+
 # -- the deployment ------------------------------------------------------------------------------
 def check_schedule(params) -> Any:
     """``params.schedule``, checked by Prefect's own validator (cron syntax, time zone)."""
@@ -96,16 +146,17 @@ def serve(
     startup_timeout: float = typer.Option(120.0, help="Seconds to wait for a started server."),
 ) -> None:
     """Serve the pipeline as a Prefect deployment on the cron schedule of params.yaml."""
+    p = load(params)
+    # every argument, the schedule and the whole input file first: nothing written or started
+    guarded(check_args, p, name, input=input, server_port=server_port,
+            startup_timeout=startup_timeout)
     from infrec.cmd_pipeline import sync_input
     from tasks.version import check
 
-    p = load(params)
-    if input is not None:
-        if not input.is_file():
-            fail(f"{input}: input file not found")
-        p = sync_input(p, params, input)
     guarded(check_schedule, p)
     guarded(check, p)
+    if input is not None:
+        p = sync_input(p, params, input)
 
     server = None
     url = configured_api_url()
@@ -184,6 +235,7 @@ def deploy(
     from tasks.params import with_overrides
 
     p = load(params)
+    guarded(check_args, p, name, input=input, pool=pool)  # before anything is contacted
     if not os.environ.get("PREFECT_API_URL"):
         fail("set PREFECT_API_URL to the Prefect server the workers use "
              "(e.g. http://10.0.0.1:4200/api)")

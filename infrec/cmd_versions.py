@@ -75,6 +75,14 @@ def rollback(
     typer.echo(f"rolled back to data {event['data_version']}{refit}{forced}: champion is now "
                f"{p.registry.model_name} version {event['champion']} "
                f"(was {event['from_champion'] or 'none'})")
+    restored = event.get("params_restored") or []
+    typer.echo(f"params.yaml: {len(restored)} key(s) restored to {event['data_version']}'s values"
+               + (f" ({', '.join(restored)})" if restored else "") + "; state_dir, reports_dir, "
+               "registry, tracking, schedule, versioning and serving kept as they are")
+    if event.get("log_changed"):
+        typer.echo(f"note: {event['log_changed']} has changed since {event['data_version']} (its "
+                   f"content is not that version's input): `dvc status` shows the ingest stage "
+                   "changed, and the next run ingests the file as it is now")
 
 
 def lineage_table(info: dict) -> str:

@@ -232,13 +232,16 @@ def _same_value(a: Any, b: Any) -> bool:
 
 # -- version records -----------------------------------------------------------------------------
 def list_versions(root: Path, warn: bool = True) -> list[DataVersion]:
-    """All data versions, oldest first (from the ``data/vN`` tags). A tag that is not a data
-    version (another name, or no readable record) is skipped with a warning."""
+    """All data versions, oldest first: the ``data/vN`` tags, and the commits of the branch
+    ``infrec/data-versions`` that no tag names (a clone made with ``--no-tags``, or tags
+    deleted, still finds its versions). A tag that is not a data version (another name, or no
+    readable record) is skipped with a warning."""
     out = git(root, "for-each-ref", "--format=%(refname:strip=2) %(objectname)",
               f"refs/tags/{TAG_PREFIX}")
-    versions = []
+    versions, tagged = [], set()
     for line in out.splitlines():
         name, sha = line.split()
+        tagged.add(sha)
         vid = name[len(TAG_PREFIX):]
         if not _TAG_RE.match(vid):
             if warn:
@@ -246,24 +249,65 @@ def list_versions(root: Path, warn: bool = True) -> list[DataVersion]:
                               stacklevel=2)
             continue
         try:
-            meta = json.loads(git_show(root, f"{sha}:version.json"))
-            versions.append(DataVersion(id=vid, created=meta["created"], commit=sha,
-                                        outputs=meta["outputs"], info=meta.get("info", {})))
+            versions.append(_read_version(root, vid, sha))
         except (VersioningError, json.JSONDecodeError, KeyError, TypeError) as exc:
             if warn:
                 warnings.warn(f"git tag {name}: no readable data version record "
                               f"({type(exc).__name__}); skipped", stacklevel=2)
+    found = {v.id for v in versions}
+    branch = git(root, "rev-list", f"refs/heads/{VERSION_BRANCH}", "--", check=False)
+    for sha in branch.splitlines():
+        if sha in tagged:
+            continue
+        try:
+            meta = json.loads(git_show(root, f"{sha}:version.json"))
+            vid = meta["version"]
+            if _TAG_RE.match(vid) and vid not in found:
+                versions.append(_read_version(root, vid, sha, meta))
+                found.add(vid)
+        except (VersioningError, json.JSONDecodeError, KeyError, TypeError):
+            continue
     return sorted(versions, key=lambda v: v.number)
 
 
+def _read_version(root: Path, vid: str, sha: str,
+                  meta: Optional[dict[str, Any]] = None) -> DataVersion:
+    meta = meta if meta is not None else json.loads(git_show(root, f"{sha}:version.json"))
+    return DataVersion(id=vid, created=meta["created"], commit=sha, outputs=meta["outputs"],
+                       info=meta.get("info", {}))
+
+
+def fetch_versions(root: Path) -> bool:
+    """Fetch the data versions (the branch ``infrec/data-versions`` and the ``data/`` tags) from
+    the ``origin`` remote, when there is one (a clone made with ``--single-branch --no-tags``
+    has neither); True when something was fetched."""
+    remotes = git(root, "remote", check=False).split()
+    if "origin" not in remotes:
+        return False
+    before = git(root, "rev-parse", "--verify", "--quiet", f"refs/heads/{VERSION_BRANCH}",
+                 check=False)
+    git(root, "fetch", "--quiet", "origin",
+        f"+refs/heads/{VERSION_BRANCH}:refs/heads/{VERSION_BRANCH}",
+        f"refs/tags/{TAG_PREFIX}*:refs/tags/{TAG_PREFIX}*", check=False)
+    after = git(root, "rev-parse", "--verify", "--quiet", f"refs/heads/{VERSION_BRANCH}",
+                check=False)
+    return bool(after) and after != before
+
+
 def get_version(root: Path, version_id: str) -> DataVersion:
+    """Version ``vN`` (``N`` also accepted); when this repository does not have it, the versions
+    are fetched from ``origin`` first (:func:`fetch_versions`)."""
     vid = version_id if version_id.startswith("v") else f"v{version_id}"
     versions = list_versions(root)
+    if not any(v.id == vid for v in versions) and fetch_versions(root):
+        versions = list_versions(root)
     for v in versions:
         if v.id == vid:
             return v
     known = ", ".join(v.id for v in versions) or "none"
-    raise InputError(f"data version {version_id!r} not found (known: {known})")
+    raise InputError(f"data version {version_id!r} not found (known: {known}; versions are the "
+                     f"branch {VERSION_BRANCH} and its {TAG_PREFIX}vN tags: "
+                     f"`git fetch origin {VERSION_BRANCH} --tags` brings another clone's)")
 
 
 def find_version(root: Path, outputs: dict[str, dict[str, Any]]) -> Optional[DataVersion]:
@@ -348,4 +392,4 @@ __all__ = ["VERSION_BRANCH", "TAG_PREFIX", "DVC_STAGES", "DATA_OUTS", "Versionin
            "DataVersion", "git", "git_root", "run_dvc", "dvc_repo", "ensure_dvc",
            "commit_stages", "push", "read_lock",
            "lock_outputs", "set_lock_params", "list_versions", "get_version", "find_version",
-           "record_version", "version_files"]
+           "record_version", "version_files", "fetch_versions"]

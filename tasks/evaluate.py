@@ -253,8 +253,29 @@ def run(params: Params, log: Optional[Callable[[str], None]] = None) -> dict[str
                   "coverage": distill_report.get("coverage"),
                   "sample": candidate.get("sample")}
     evaluation = {"summary": summarise(evaluation, metric), **evaluation}
+    evaluation["summary"]["gates"] = data_gates(params, evaluation, dataset)
     write_json(paths.evaluation, evaluation)
     return evaluation
+
+
+def data_gates(params: Params, evaluation: dict[str, Any], dataset: Any) -> dict[str, Any]:
+    """The gates this stage's numbers decide alone — (0) evidence, (a) baselines, (c) fidelity
+    with coverage — each ``{passed, value, threshold}``, with the ``gates.*`` thresholds they
+    read (declared in dvc.yaml: a changed threshold re-runs evaluate, and `dvc exp show` and
+    `dvc metrics diff` show the outcome). Gate (b) compares with the registry's champion, which
+    no DVC stage reads: the promote step decides it — and all four again — after registering."""
+    from tasks.gates import GateThresholds, decide_gates, evaluated_users, gate_inputs
+
+    g, metric = params.gates, params.selection.metric
+    thresholds = GateThresholds(metric=metric, pop_margin=g.pop_margin,
+                                ease_fraction=g.ease_fraction,
+                                fidelity_fraction=g.fidelity_fraction,
+                                min_eval_users=g.min_eval_users,
+                                min_summary_coverage=g.min_summary_coverage)
+    verdict = decide_gates(gate_inputs(evaluation, metric, None, evaluated_users(dataset)),
+                           thresholds)
+    return {r.name: {"passed": r.passed, "value": r.value, "threshold": r.threshold}
+            for r in verdict.gates if r.name != "champion"}
 
 
 @task(name="evaluate", **task_options())

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import stat
 from concurrent.futures import ThreadPoolExecutor
@@ -755,6 +756,7 @@ def run(params, log=None) -> dict:
         generate.run(params, log=log)
     source = params.input_path()
     _check_input_file(source, str(source))
+    point_log(params)
     columns = {role: name for role, name in (("user", ing.user_col), ("item", ing.item_col),
                                               ("rating", ing.rating_col)) if name}
     with atomic_dir(paths.snapshot, overwrite=True) as staged:
@@ -774,6 +776,27 @@ def run(params, log=None) -> dict:
             "counts": manifest["counts"],
             "input": {"source": str(source), "name": source.name,
                       "sha256": manifest["input"]["sha256"], "size": size}}
+
+
+def point_log(params) -> Path:
+    """Keep ``<state_dir>/log`` a symbolic link to the file the ingest stage reads
+    (``ingest.input``, or the generated embedded default): dvc.yaml lists it among the stage's
+    deps, so DVC records the content hash of the user's own log — wherever it lives — and
+    ``dvc status`` reports the ingest stage changed when the log grows."""
+    return link_log(params.paths().log, params.input_path())
+
+
+def link_log(link: Path, target: Path) -> Path:
+    """``link`` → ``target`` (absolute), replaced atomically when it points elsewhere."""
+    target = str(target)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() and os.readlink(link) == target:
+        return link
+    tmp = link.with_name(f".log.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)  # atomic: DVC never sees a missing link
+    return link
 
 
 def _ingest_task(params) -> dict:

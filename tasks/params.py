@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -403,6 +404,10 @@ class StagePaths:
         return self.state / "data" / "raw" / "interactions.csv"
 
     @property
+    def log(self) -> Path:  # a link to the file ingest reads: the ingest stage's DVC dependency
+        return self.state / "log"
+
+    @property
     def snapshot(self) -> Path:  # a copy of the file that was ingested (DVC-cached with each version)
         return self.state / "data" / "input"
 
@@ -539,6 +544,22 @@ def _yaml11_keys(node: Any) -> Any:
     return node
 
 
+def _yaml_value(value: Any) -> str:
+    """``value`` as a one-line YAML flow value that YAML reads back as the same value (a float
+    such as 1e-05 is written 1.0e-05: YAML 1.1 reads ``1e-05`` as a string)."""
+    if isinstance(value, float) and math.isfinite(value):
+        text = repr(value)
+        if "e" in text:
+            mantissa, exponent = text.split("e")
+            mantissa += "" if "." in mantissa else ".0"
+            exponent = exponent if exponent[0] in "+-" else "+" + exponent
+            text = f"{mantissa}e{exponent}"
+        return text
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    return json.dumps(value)  # a JSON scalar is a YAML scalar
+
+
 def set_in_file(path: str | Path, dotted: str, value: Any) -> bool:
     """Set ``section.key`` in a YAML params file, keeping its layout and comments (the rest of
     the file is unchanged, which is checked). Returns False when it already had that value."""
@@ -552,7 +573,7 @@ def set_in_file(path: str | Path, dotted: str, value: Any) -> bool:
     section, key = dotted.split(".")
     if isinstance(data.get(section), dict) and data[section].get(key) == value:
         return False
-    rendered = json.dumps(value)  # a JSON scalar is a YAML scalar
+    rendered = _yaml_value(value)
     lines = text.splitlines(keepends=True)
     head = next((i for i, ln in enumerate(lines)
                  if re.match(rf"^{re.escape(section)}:\s*(#.*)?$", ln.rstrip("\n"))), None)
@@ -569,7 +590,16 @@ def set_in_file(path: str | Path, dotted: str, value: Any) -> bool:
         for i in range(head + 1, end):
             m = pattern.match(lines[i].rstrip("\n"))
             if m:
+                block = not lines[i].split("#", 1)[0].split(":", 1)[1].strip()
                 lines[i] = f"{m.group(1)}{m.group(2)}{key}{m.group(2)}: {rendered}{m.group(3) or ''}\n"
+                if block:  # a block value below the key (a `- item` list, a mapping): replaced
+                    own = len(m.group(1))
+                    j = i + 1
+                    while j < end and lines[j].strip() and (
+                            len(lines[j]) - len(lines[j].lstrip()) > own
+                            or lines[j].lstrip().startswith("- ")):
+                        j += 1
+                    del lines[i + 1:j]
                 break
         else:
             indent = next((re.match(r"^(\s+)", ln).group(1) for ln in lines[head + 1:end]

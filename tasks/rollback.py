@@ -440,7 +440,9 @@ def rollback(params: Params, version_id: str, reason: Optional[str] = None, *,
             staged_params = version_params(version, staging / "ws", root)
             target, verdict, forced_by = _refit(params, version, staged_params, log, force, reason)
             refitted = True
-        rels = staged["outs"] + staged["files"] + ["dvc.lock"]
+        restored = _stage_params(root, version, staged["lock"], staging / "ws")
+        rels = (staged["outs"] + staged["files"] + ["dvc.lock"]
+                + (["params.yaml"] if restored else []))
         (staging / "ws" / "dvc.lock").write_text(staged["lock"])
         backup = staging / "old"
         for rel in rels:  # remember which paths did not exist, so an undo removes them
@@ -466,15 +468,77 @@ def rollback(params: Params, version_id: str, reason: Optional[str] = None, *,
             recover_interrupted(params, log=lambda _m: None)
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    log_changed = _repoint_log(params, root, version)
     at = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
     event = {"event": "rollback", "at": at, "data_version": version.id, "champion": target,
              "refitted": refitted, "from_champion": before_ids[registry.CHAMPION],
-             "reason": reason, "by": _who(), "forced": forced_by is not None}
+             "reason": reason, "by": _who(), "forced": forced_by is not None,
+             "params_restored": restored, "log_changed": log_changed}
     registry.client(uri).set_registered_model_tag(name, "last_rollback", json.dumps(event))
     _log_event(state, event)
     _journal_path(params).unlink(missing_ok=True)
     shutil.rmtree(staging, ignore_errors=True)
     return event
+
+
+# what a rollback restores of params.yaml: every key of the sections that decide what the pipeline
+# computes and judges; where and how it runs (state_dir, reports_dir, registry, tracking,
+# schedule, versioning, serving) stays as the workspace has it
+RESTORED_SECTIONS = ("generate", "ingest", "selection", "distill", "fit", "evaluate", "gates")
+
+
+def _stage_params(root: Path, version: DataVersion, lock_text: str, staging: Path) -> list[str]:
+    """A copy of the workspace's params.yaml under ``staging`` with vN's values of
+    :data:`RESTORED_SECTIONS` (layout and comments kept; ``ingest.input`` spelt as vN's dvc.lock
+    records it); the keys it changed (none: no copy)."""
+    from tasks.dvc import _same_value
+    from tasks.params import set_in_file
+
+    live, used = root / "params.yaml", (version.info or {}).get("params") or {}
+    if not live.is_file() or not used:
+        return []
+    current = yaml.safe_load(live.read_text()) or {}
+    defaults = Params().to_dict()
+    recorded: dict[str, Any] = {}
+    for stage in ((yaml.safe_load(lock_text) or {}).get("stages") or {}).values():
+        recorded.update((stage.get("params") or {}).get("params.yaml") or {})
+    staged = staging / "params.yaml"
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(live, staged)
+    changed = []
+    for section in RESTORED_SECTIONS:
+        for key, value in (used.get(section) or {}).items():
+            if (section, key) == ("ingest", "input") and isinstance(recorded.get("ingest"), dict):
+                value = recorded["ingest"].get("input", value)
+            now_section = current.get(section) or {}
+            now = now_section[key] if key in now_section else (defaults.get(section) or {}).get(key)
+            if _same_value(now, value):
+                continue
+            set_in_file(staged, f"{section}.{key}", value)
+            changed.append(f"{section}.{key}")
+    if not changed:
+        staged.unlink()
+    return changed
+
+
+def _repoint_log(params: Params, root: Path, version: DataVersion) -> Optional[str]:
+    """Point ``<state_dir>/log`` (the ingest stage's DVC dep) at the restored params' input; the
+    input's path when its content is no longer vN's input (DVC then shows ingest changed)."""
+    from tasks.ingest import link_log
+    from tasks.io import sha256_file
+    from tasks.params import load_params
+
+    ws = load_params(root / "params.yaml") if (root / "params.yaml").is_file() else params
+    if ws.ingest.input is None:
+        target = params.paths().generated
+    else:
+        given = Path(ws.ingest.input).expanduser()
+        target = (given if given.is_absolute() else root / given).resolve()
+    link_log(params.paths().log, target)
+    want = ((version.info or {}).get("input") or {}).get("sha256")
+    if want and target.is_file() and sha256_file(target) != want:
+        return str(target)
+    return None
 
 
 def champion_history_dir(params: Params, data_version: str, dest: Path) -> Path:

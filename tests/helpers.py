@@ -213,10 +213,26 @@ def make_workspace(root: Path, api_url: Optional[str] = None, committed_lock: bo
     return ws
 
 
+def clone_workspace(root: Path, api_url: Optional[str] = None,
+                    **sections: dict[str, Any]) -> Workspace:
+    """The project as a new user gets it with ``git clone --no-tags --single-branch`` of this
+    checkout's HEAD (its committed dvc.yaml, dvc.lock, reports and code; no tags, no other
+    branch), a params.yaml of SMALL + ``sections`` (the user's edit, uncommitted) and a real
+    local DVC remote (``dvc remote add --local -d``: nothing committed changes)."""
+    ws_root = root / "ws"
+    sh(REPO, "git", "clone", "-q", "--no-tags", "--single-branch", str(REPO), str(ws_root))
+    assert sh(ws_root, "git", "for-each-ref", "refs/tags", "refs/heads/infrec") == ""
+    ws = Workspace(ws_root, root / "dvc-remote", api_url)
+    ws.write_params(**sections)
+    ws.dvc("remote", "add", "--local", "-d", "store", str(ws.remote))
+    return ws
+
+
 def write_log(path: Path, users: int, items: int = 120, seed: int = 0,
-              extra_rows: int = 0) -> Path:
+              extra_rows: int = 0, item_offset: int = 0) -> Path:
     """A user's interaction log: CSV ``userId,movieId,rating,timestamp`` (MovieLens-style
-    names), deterministic; ``extra_rows`` appends new interactions (a growing daily log)."""
+    names), deterministic; ``extra_rows`` appends new interactions (a growing daily log);
+    ``item_offset`` is added to every item id (another catalogue)."""
     import numpy as np
 
     from tasks.synthetic import generate_interactions
@@ -236,7 +252,7 @@ def write_log(path: Path, users: int, items: int = 120, seed: int = 0,
             extra_rows -= 1
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("userId,movieId,rating,timestamp\n"
-                    + "".join(f"{u},{i},{r},{t}\n" for u, i, r, t in rows))
+                    + "".join(f"{u},{i + item_offset},{r},{t}\n" for u, i, r, t in rows))
     return path
 
 
@@ -244,5 +260,6 @@ def last_json(proc: subprocess.CompletedProcess) -> Any:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-__all__ = ["REPO", "BIN", "SMALL", "STRICT_GATES", "Workspace", "make_workspace", "write_log",
+__all__ = ["REPO", "BIN", "SMALL", "STRICT_GATES", "Workspace", "make_workspace",
+           "clone_workspace", "write_log",
            "prefect_server", "clean_env", "free_port", "tail", "sh", "last_json"]

@@ -54,7 +54,7 @@ def test_infrec_run_and_dvc_repro_compute_the_same_thing(tmp_path):
             pipeline_outs, pipeline_metrics = _outs(ws), _metrics(ws)
             if depth == 1:
                 ws.dvc("repro", "--force")  # every stage, each in its own `infrec <stage>`
-            else:  # depth only changes fit and evaluate (and DVC knows it)
+            else:  # fit and evaluate at depth 2 (distill reads fit.depth too: compared at depth 1)
                 ws.dvc("repro", "--force", "--single-item", "fit")
                 ws.dvc("repro", "--force", "--single-item", "evaluate")
             repro_outs, repro_metrics = _outs(ws), _metrics(ws)

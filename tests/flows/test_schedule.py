@@ -365,3 +365,36 @@ def test_bad_schedule_and_missing_api_are_one_line_errors(tmp_path, restore_envi
     os.environ.pop("PREFECT_API_URL", None)
     res = CliRunner().invoke(app, ["deploy", "--params", str(good)])
     assert res.exit_code == 2 and "set PREFECT_API_URL" in res.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (["serve", "--name", "a/b"], "--name 'a/b': a Prefect name"),
+    (["serve", "--server-port", "0"], "--server-port 0: a TCP port is 1–65535"),
+    (["serve", "--startup-timeout", "0"], "--startup-timeout 0.0: seconds"),
+    (["serve", "--input", "missing.csv"], "missing.csv: input file not found"),
+    (["serve", "--input", "quote.csv"], "line 3: unclosed quote"),
+    (["deploy", "--pool", "x%y"], "--pool 'x%y': a Prefect name"),
+    (["deploy", "--input", "quote.csv"], "line 3: unclosed quote"),
+    (["serve", "--params", "cron.yaml", "--input", "good.csv"], "Invalid cron string"),
+])
+def test_serve_and_deploy_check_every_argument_before_anything(tmp_path, monkeypatch,
+                                                                restore_environ, args, says):
+    """`infrec serve` / `infrec deploy` with a bad argument, input file or schedule: one line,
+    exit 2, before a server starts or anything is contacted — params.yaml (which `--input`
+    would update) and the folder are as they were. (Measured, not asserted: ≈ 1 s idle.)"""
+    from typer.testing import CliRunner
+
+    from infrec.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing answers there
+    (tmp_path / "params.yaml").write_text("versioning: {enabled: false}\n")
+    (tmp_path / "cron.yaml").write_text('schedule: {cron: "61 3 * * *", timezone: UTC}\n'
+                                        "versioning: {enabled: false}\n")
+    (tmp_path / "quote.csv").write_text('userId,movieId\n1,2\n3,"4\n5,6\n')
+    (tmp_path / "good.csv").write_text("userId,movieId\n1,2\n1,3\n1,4\n")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and says in res.stderr, (res.exit_code, res.stderr, res.stdout)
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -146,3 +146,18 @@ def test_redact_hides_credentials():
     assert redact("http://bob:tok3n@host:5000/x") == "http://***@host:5000/x"
     assert redact("see postgresql://u:p@db/mlflow now") == "see postgresql://***@db/mlflow now"
     assert redact("http://host:5000") == "http://host:5000"
+
+
+def test_set_in_file_replaces_block_lists_and_writes_floats_yaml_reads_back(tmp_path):
+    """A rollback sets values of any shape: a block `- item` list is replaced whole, and 1e-05
+    is written so that YAML reads a float (YAML 1.1 reads `1e-05` as a string)."""
+    import yaml
+
+    from tasks.params import set_in_file
+
+    path = tmp_path / "params.yaml"
+    path.write_text("fit:\n  summary_lambdas:\n  - 0.1\n  - 1.0\n  depth: 1   # layers\n")
+    assert set_in_file(path, "fit.summary_lambdas", [1e-05, 0.001, 5.0])
+    assert yaml.safe_load(path.read_text())["fit"] == {"summary_lambdas": [1e-05, 0.001, 5.0],
+                                                       "depth": 1}
+    assert "# layers" in path.read_text()

@@ -165,3 +165,21 @@ def test_lock_records_the_params_used(repo):
 def test_unknown_version_is_a_clear_error(repo):
     with pytest.raises(InputError, match="v9.*not found"):
         get_version(repo, "v9")
+
+
+def test_versions_are_found_without_tags_and_fetched_into_a_single_branch_clone(repo, tmp_path):
+    """Tags may be absent: a clone made with `--no-tags --single-branch` has neither the tags nor
+    the versions branch (rollback fetches both from origin), and a repository whose tags were
+    deleted still lists its versions from the branch — and numbers the next one after them."""
+    produce(repo, 1)
+    produce(repo, 2)
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", "--no-tags", "--single-branch", str(repo), str(clone))
+    assert sh(clone, "git", "tag", "--list") == "" and list_versions(clone) == []
+    assert get_version(clone, "v1").info == {"a": 1}  # fetched from origin
+    assert [v.id for v in list_versions(clone)] == ["v1", "v2"]
+    for tag in ("data/v1", "data/v2"):
+        sh(repo, "git", "tag", "-d", tag)
+    assert [(v.id, v.info) for v in list_versions(repo)] == [("v1", {"a": 1}), ("v2", {"a": 2})]
+    v3, created = produce(repo, 3)
+    assert created and v3.id == "v3"
