@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import scipy.sparse as sp
 
-from models.kernels import NTKConfig, accelerated as _accelerated, ntk_from_dots, pad_rows, row_sq_norms
+from models.kernels import (NTKConfig, accelerated as _accelerated, ntk_from_dots,
+                            ntk_from_dots_numpy, pad_rows, row_sq_norms)
 from models.linalg import spd_solve
 from models.metrics import METRIC_KEYS, RankingAccumulator, finish_evaluation, top_k_unseen
 
@@ -143,6 +144,10 @@ class InfAE:
         """Raw scores ``k(h, X) α`` (b × m) for a batch of history rows (dense or sparse)."""
         return _matmul(self.cross_kernel(histories), self.alpha)
 
+    def row_scorer(self, max_rows: int = 1024) -> "RowScorer":
+        """The low-latency scorer of a few history rows at a time (the served path)."""
+        return RowScorer(self, max_rows)
+
     def iter_scores(self, histories: Any, batch_size: int = 2048) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start_row, scores)`` over row batches so memory stays bounded (at most
         ``batch_size`` rows, fewer for a wide catalogue: :func:`batch_rows`)."""
@@ -185,6 +190,63 @@ class InfAE:
             items.append(top)
             scores.append(np.take_along_axis(s, top, axis=1))
         return np.concatenate(items), np.concatenate(scores)
+
+
+# a request's rows are summed from gathered rows of Xᵀ while that gather stays this small (floats);
+# larger ones go through a sparse × dense product (the same sums, in the same order)
+GATHER_MAX_FLOATS = 4 * 2**20
+
+
+class RowScorer:
+    """Scores of a few binary history rows at a time, at low latency: the served model's path.
+
+    Rows come as CSR parts (``indptr``, ``indices``: the columns of each row's items, each once),
+    so no SciPy matrix is built per request. What does not depend on the rows is taken from the
+    model once (Xᵀ contiguous, the support's norms, α in float32); per call, all in the calling
+    thread: the dot products ``h·x_j`` as sums of gathered rows of Xᵀ (a request's histories are
+    short: never densified), the kernel in NumPy (:func:`models.kernels.ntk_from_dots_numpy`: no
+    XLA dispatch per request) and one BLAS product with α. A call takes at most ``max_rows`` rows
+    (callers split larger batches; fewer for a wide catalogue, :func:`batch_rows`). On an
+    accelerator it is :meth:`InfAE.scores`. The scores equal :meth:`InfAE.scores` of the same
+    binary rows up to float32 rounding.
+    """
+
+    def __init__(self, model: InfAE, max_rows: int = 1024) -> None:
+        self.model = model
+        self.n_items = model.n_items
+        self.max_rows = batch_rows(max_rows, model.n_items)
+        self._support_t = model._support_t
+        self._support_sq = model._support_sq
+        self._alpha = model.alpha
+        self._accelerated = _accelerated()
+
+    def scores(self, indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """``k(h, X) α`` (rows × m float32, a new array) of binary rows given as CSR parts (no
+        empty row, no repeated column within a row), at most ``max_rows`` rows."""
+        rows = len(indptr) - 1
+        if rows > self.max_rows:
+            raise ValueError(f"{rows} rows in one call; at most {self.max_rows}")
+        if self._accelerated:
+            return self.model.scores(self._csr(indptr, indices))
+        n_support = self._support_t.shape[1]
+        if len(indices) * n_support <= GATHER_MAX_FLOATS:
+            dots = np.add.reduceat(self._support_t[indices], indptr[:-1], axis=0)
+        else:
+            dots = np.asarray(self._csr(indptr, indices) @ self._support_t, dtype=np.float32)
+        sq = np.diff(indptr).astype(np.float32)  # binary rows: ‖h‖² is the number of items
+        kernel = ntk_from_dots_numpy(np.array(dots, dtype=np.float32), sq, self._support_sq,
+                                     self.n_items, self.model.config)
+        return kernel @ self._alpha
+
+    def _csr(self, indptr: np.ndarray, indices: np.ndarray) -> sp.csr_matrix:
+        return sp.csr_matrix((np.ones(len(indices), dtype=np.float32), indices, indptr),
+                             shape=(len(indptr) - 1, self.n_items))
+
+    def warm(self) -> None:
+        """A first call of one row and one of ``max_rows`` rows (first-call allocations; on an
+        accelerator, the compilations of :meth:`InfAE.scores`)."""
+        for rows in sorted({1, self.max_rows}):
+            self.scores(np.arange(rows + 1), np.zeros(rows, dtype=np.int64))
 
 
 def kernel_matrix(support: Any, config: NTKConfig = NTKConfig(), *,
