@@ -192,9 +192,10 @@ class InfAE:
         return np.concatenate(items), np.concatenate(scores)
 
 
-# a request's rows are summed from gathered rows of Xᵀ while that gather stays this small (floats);
-# larger ones go through a sparse × dense product (the same sums, in the same order)
-GATHER_MAX_FLOATS = 4 * 2**20
+# up to this many rows a call runs in NumPy in the calling thread (gathered rows of Xᵀ summed, the
+# kernel by ntk_from_dots_numpy: no XLA dispatch); more rows take SciPy's sparse × dense product
+# and the jitted kernel on rows padded to a power of two (warmed shapes: 2·SMALL_ROWS … max_rows)
+SMALL_ROWS = 8
 
 
 class RowScorer:
@@ -205,7 +206,9 @@ class RowScorer:
     model once (Xᵀ contiguous, the support's norms, α in float32); per call, all in the calling
     thread: the dot products ``h·x_j`` as sums of gathered rows of Xᵀ (a request's histories are
     short: never densified), the kernel in NumPy (:func:`models.kernels.ntk_from_dots_numpy`: no
-    XLA dispatch per request) and one BLAS product with α. A call takes at most ``max_rows`` rows
+    XLA dispatch per request) and one BLAS product with α; a call of more than
+    :data:`SMALL_ROWS` rows (a batch request) takes SciPy's sparse product and the jitted kernel
+    instead, on rows padded to a power of two (shapes compiled by :meth:`warm`). A call takes at most ``max_rows`` rows
     (callers split larger batches; fewer for a wide catalogue, :func:`batch_rows`). On an
     accelerator it is :meth:`InfAE.scores`. The scores equal :meth:`InfAE.scores` of the same
     binary rows up to float32 rounding.
@@ -219,6 +222,9 @@ class RowScorer:
         self._support_sq = model._support_sq
         self._alpha = model.alpha
         self._accelerated = _accelerated()
+        from models.kernels import _jitted_ntk
+
+        self._ntk = _jitted_ntk(int(model.n_items), model.config)
 
     def scores(self, indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
         """``k(h, X) α`` (rows × m float32, a new array) of binary rows given as CSR parts (no
@@ -228,14 +234,18 @@ class RowScorer:
             raise ValueError(f"{rows} rows in one call; at most {self.max_rows}")
         if self._accelerated:
             return self.model.scores(self._csr(indptr, indices))
-        n_support = self._support_t.shape[1]
-        if len(indices) * n_support <= GATHER_MAX_FLOATS:
+        sq = np.diff(indptr).astype(np.float32)  # binary rows: ‖h‖² is the number of items
+        if rows <= SMALL_ROWS:
             dots = np.add.reduceat(self._support_t[indices], indptr[:-1], axis=0)
+            kernel = ntk_from_dots_numpy(dots, sq, self._support_sq, self.n_items,
+                                         self.model.config)
         else:
             dots = np.asarray(self._csr(indptr, indices) @ self._support_t, dtype=np.float32)
-        sq = np.diff(indptr).astype(np.float32)  # binary rows: ‖h‖² is the number of items
-        kernel = ntk_from_dots_numpy(np.array(dots, dtype=np.float32), sq, self._support_sq,
-                                     self.n_items, self.model.config)
+            padded = max(2 * SMALL_ROWS, 1 << (rows - 1).bit_length())  # a warmed shape
+            if padded != rows:  # zero rows: finite kernel values (b_std > 0), cut off below
+                dots = np.concatenate([dots, np.zeros((padded - rows, dots.shape[1]), np.float32)])
+                sq = np.concatenate([sq, np.zeros(padded - rows, np.float32)])
+            kernel = np.asarray(self._ntk(dots, sq, self._support_sq))[:rows]
         return kernel @ self._alpha
 
     def _csr(self, indptr: np.ndarray, indices: np.ndarray) -> sp.csr_matrix:
@@ -243,9 +253,14 @@ class RowScorer:
                              shape=(len(indptr) - 1, self.n_items))
 
     def warm(self) -> None:
-        """A first call of one row and one of ``max_rows`` rows (first-call allocations; on an
-        accelerator, the compilations of :meth:`InfAE.scores`)."""
-        for rows in sorted({1, self.max_rows}):
+        """Compile the kernel for every row count a call pads to (2·``SMALL_ROWS`` … ``max_rows``,
+        powers of two) and make a first one-row call (on an accelerator, the compilations of
+        :meth:`InfAE.scores`)."""
+        counts, rows = [1], 2 * SMALL_ROWS
+        while rows < 2 * self.max_rows:
+            counts.append(min(rows, self.max_rows))
+            rows *= 2
+        for rows in counts:
             self.scores(np.arange(rows + 1), np.zeros(rows, dtype=np.int64))
 
 

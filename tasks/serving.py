@@ -173,15 +173,13 @@ def _first_bad_k(ks: Any, n: int, max_k: int) -> tuple[list[int], int | None, Ex
     return out, None, None
 
 
-def _column(frame: pd.DataFrame, name: str) -> int | None:
-    """Position of column ``name`` (None if absent; a repeated name is refused)."""
-    try:
-        at = frame.columns.get_loc(name)
-    except KeyError:
+def _column(names: list, name: str) -> int | None:
+    """Position of column ``name`` in ``names`` (None if absent; a repeated name is refused)."""
+    if name not in names:
         return None
-    if not isinstance(at, int):
+    if names.count(name) > 1:
         raise RequestError(f"the field {name!r} is given more than once")
-    return at
+    return names.index(name)
 
 
 def parse_rows(model_input: Any, limits: dict[str, int]) -> tuple[list[np.ndarray], list[int]]:
@@ -189,8 +187,10 @@ def parse_rows(model_input: Any, limits: dict[str, int]) -> tuple[list[np.ndarra
     of histories. Raises :class:`RequestError` naming the row and field at fault (the first row at
     fault; within a row its history before its k)."""
     if isinstance(model_input, pd.DataFrame):
-        # (positions from get_loc and one to_numpy: label lookups cost more, per request)
-        at_h, at_k = _column(model_input, "history"), _column(model_input, "k")
+        # positions in the list of names, then one to_numpy: a DataFrame's label lookup builds
+        # a hash table of its (Arrow string) column index, which costs more than the rest here
+        names = list(model_input.columns)
+        at_h, at_k = _column(names, "history"), _column(names, "k")
         if at_h is None:
             raise RequestError("input must have a 'history' field (a list of raw item ids)")
         values = model_input.to_numpy().T
@@ -355,11 +355,12 @@ class InfAEPyfunc(PythonModel):
             self.served = True
             self.batch_threads = fit_threads_to_server()
         self.load_dir(context.artifacts[ARTIFACT_KEY], config)
-        if hasattr(self.scorer, "warm"):
-            self.scorer.warm()
-        if self.batch_threads > 1:
-            self._pool = ThreadPoolExecutor(self.batch_threads, "infrec-score")
-        self.recommend([np.array(self.catalogue.item_ids[:1])], [1])  # first call: lazy imports
+        if self.served:  # compile and touch everything a request uses, before the first one
+            if hasattr(self.scorer, "warm"):
+                self.scorer.warm()
+            if self.batch_threads > 1:
+                self._pool = ThreadPoolExecutor(self.batch_threads, "infrec-score")
+            self.recommend([self.catalogue.item_ids[:1]], [1])
 
     def load_dir(self, model_dir: str, limits: dict[str, int] | None = None) -> "InfAEPyfunc":
         from tasks.model_store import load_model
