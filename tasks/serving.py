@@ -242,7 +242,9 @@ class Catalogue:
         known = self.sorted_ids[pos] == flat
         all_known = bool(known.all())
         if n == 1:
-            indices = np.unique(self.order[pos if all_known else pos[known]])
+            indices = np.sort(self.order[pos if all_known else pos[known]])
+            if len(indices) > 1 and not (indices[1:] != indices[:-1]).all():  # repeated ids
+                indices = np.unique(indices)
             indptr = np.array([0, len(indices)])
             unknown = [[] if all_known else [str(x) for x in flat[~known].tolist()]]
             return indptr, indices, unknown
@@ -393,7 +395,8 @@ class InfAEPyfunc(PythonModel):
         rows = 0 if len(sizes) == 1 else np.repeat(np.arange(len(sizes)), sizes)
         scores[rows, indices] = -np.inf  # seen items rank last
         top = top_k(scores, k_max)
-        best = np.take_along_axis(scores, top, axis=1)
+        best = (scores[0, top[0]][None, :] if len(sizes) == 1
+                else np.take_along_axis(scores, top, axis=1))
         return self.catalogue.item_ids[top].tolist(), best.tolist()
 
     def recommend(self, histories: list[Any], ks: list[int]) -> list[dict[str, Any]]:
