@@ -25,8 +25,9 @@ does not depend on the request is done once, when the model loads — the catalo
 (sorted ids, :class:`Catalogue`), the scorer with its arrays in float32 and its compiled kernel
 warmed for every row count it pads to (:meth:`models.infinite_ae.RowScorer.warm`). A request is
 parsed into int64 arrays (a Python loop per row, never per item, unless the ids are not plain
-integers), looked up with one ``searchsorted``, scored in one sparse product, one kernel call and
-one BLAS product, ranked with :func:`models.metrics.top_k_unseen`, and answered as plain lists:
+integers), looked up with one ``searchsorted``, scored (a few histories: in NumPy in the handling
+thread, no XLA dispatch; a batch: 256 histories at a time through the jitted kernel), ranked as
+:func:`models.metrics.top_k_unseen` ranks, and answered as plain lists:
 under ``mlflow models serve`` :meth:`InfAEPyfunc.predict` returns the rows as a list of dicts (the
 same JSON, without a DataFrame for the server to take apart again); in-process callers still get
 a DataFrame.
