@@ -248,10 +248,8 @@ def _recommend(p, items: Optional[list[int]], user: Optional[str], k: int,
     if items is None:
         items = _user_history(p, user, dict(mv.tags or {}))
     model, item_ids, info = registry.load_version_model(uri, f"models:/{name}/{mv.version}")
-    pyfunc = InfAEPyfunc()
-    pyfunc.model, pyfunc.item_ids, pyfunc.info = model, item_ids, info
-    pyfunc.index = {int(raw): col for col, raw in enumerate(item_ids.tolist())}
     limits = p.serving.model_dump()
+    pyfunc = InfAEPyfunc().use(model, item_ids, info, limits)  # the served code path
     try:
         histories, ks = parse_rows({"history": [items], "k": [k]}, limits)
         row = pyfunc.recommend(histories, ks)[0]

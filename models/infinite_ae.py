@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import scipy.sparse as sp
 
-from models.kernels import NTKConfig, accelerated as _accelerated, ntk_from_dots, pad_rows, row_sq_norms
+from models.kernels import (NTKConfig, accelerated as _accelerated, ntk_from_dots,
+                            ntk_from_dots_numpy, pad_rows, row_sq_norms)
 from models.linalg import spd_solve
 from models.metrics import METRIC_KEYS, RankingAccumulator, finish_evaluation, top_k_unseen
 
@@ -143,6 +144,10 @@ class InfAE:
         """Raw scores ``k(h, X) α`` (b × m) for a batch of history rows (dense or sparse)."""
         return _matmul(self.cross_kernel(histories), self.alpha)
 
+    def row_scorer(self, max_rows: int = 1024) -> "RowScorer":
+        """The low-latency scorer of a few history rows at a time (the served path)."""
+        return RowScorer(self, max_rows)
+
     def iter_scores(self, histories: Any, batch_size: int = 2048) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start_row, scores)`` over row batches so memory stays bounded (at most
         ``batch_size`` rows, fewer for a wide catalogue: :func:`batch_rows`)."""
@@ -185,6 +190,78 @@ class InfAE:
             items.append(top)
             scores.append(np.take_along_axis(s, top, axis=1))
         return np.concatenate(items), np.concatenate(scores)
+
+
+# up to this many rows a call runs in NumPy in the calling thread (gathered rows of Xᵀ summed, the
+# kernel by ntk_from_dots_numpy: no XLA dispatch); more rows take SciPy's sparse × dense product
+# and the jitted kernel on rows padded to a power of two (warmed shapes: 2·SMALL_ROWS … max_rows)
+SMALL_ROWS = 8
+
+
+class RowScorer:
+    """Scores of a few binary history rows at a time, at low latency: the served model's path.
+
+    Rows come as CSR parts (``indptr``, ``indices``: the columns of each row's items, each once),
+    so no SciPy matrix is built per request. What does not depend on the rows is taken from the
+    model once (Xᵀ contiguous, the support's norms, α in float32); per call, all in the calling
+    thread: the dot products ``h·x_j`` as sums of gathered rows of Xᵀ (a request's histories are
+    short: never densified), the kernel in NumPy (:func:`models.kernels.ntk_from_dots_numpy`: no
+    XLA dispatch per request) and one BLAS product with α; a call of more than
+    :data:`SMALL_ROWS` rows (a batch request) takes SciPy's sparse product and the jitted kernel
+    instead, on rows padded to a power of two (shapes compiled by :meth:`warm`). A call takes at most ``max_rows`` rows
+    (callers split larger batches; fewer for a wide catalogue, :func:`batch_rows`). On an
+    accelerator it is :meth:`InfAE.scores`. The scores equal :meth:`InfAE.scores` of the same
+    binary rows up to float32 rounding.
+    """
+
+    def __init__(self, model: InfAE, max_rows: int = 1024) -> None:
+        self.model = model
+        self.n_items = model.n_items
+        self.max_rows = batch_rows(max_rows, model.n_items)
+        self._support_t = model._support_t
+        self._support_sq = model._support_sq
+        self._alpha = model.alpha
+        self._accelerated = _accelerated()
+        from models.kernels import _jitted_ntk
+
+        self._ntk = _jitted_ntk(int(model.n_items), model.config)
+
+    def scores(self, indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """``k(h, X) α`` (rows × m float32, a new array) of binary rows given as CSR parts (no
+        empty row, no repeated column within a row), at most ``max_rows`` rows."""
+        rows = len(indptr) - 1
+        if rows > self.max_rows:
+            raise ValueError(f"{rows} rows in one call; at most {self.max_rows}")
+        if self._accelerated:
+            return self.model.scores(self._csr(indptr, indices))
+        sq = np.diff(indptr).astype(np.float32)  # binary rows: ‖h‖² is the number of items
+        if rows <= SMALL_ROWS:
+            dots = np.add.reduceat(self._support_t[indices], indptr[:-1], axis=0)
+            kernel = ntk_from_dots_numpy(dots, sq, self._support_sq, self.n_items,
+                                         self.model.config)
+        else:
+            dots = np.asarray(self._csr(indptr, indices) @ self._support_t, dtype=np.float32)
+            padded = max(2 * SMALL_ROWS, 1 << (rows - 1).bit_length())  # a warmed shape
+            if padded != rows:  # zero rows: finite kernel values (b_std > 0), cut off below
+                dots = np.concatenate([dots, np.zeros((padded - rows, dots.shape[1]), np.float32)])
+                sq = np.concatenate([sq, np.zeros(padded - rows, np.float32)])
+            kernel = np.asarray(self._ntk(dots, sq, self._support_sq))[:rows]
+        return kernel @ self._alpha
+
+    def _csr(self, indptr: np.ndarray, indices: np.ndarray) -> sp.csr_matrix:
+        return sp.csr_matrix((np.ones(len(indices), dtype=np.float32), indices, indptr),
+                             shape=(len(indptr) - 1, self.n_items))
+
+    def warm(self) -> None:
+        """Compile the kernel for every row count a call pads to (2·``SMALL_ROWS`` … ``max_rows``,
+        powers of two) and make a first one-row call (on an accelerator, the compilations of
+        :meth:`InfAE.scores`)."""
+        counts, rows = [1], 2 * SMALL_ROWS
+        while rows < 2 * self.max_rows:
+            counts.append(min(rows, self.max_rows))
+            rows *= 2
+        for rows in counts:
+            self.scores(np.arange(rows + 1), np.zeros(rows, dtype=np.int64))
 
 
 def kernel_matrix(support: Any, config: NTKConfig = NTKConfig(), *,

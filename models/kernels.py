@@ -171,6 +171,44 @@ def _ntk_from_dots(
     return theta_ntk
 
 
+def ntk_from_dots_numpy(dots: np.ndarray, sq_x: np.ndarray, sq_y: np.ndarray, n_features: int,
+                        config: NTKConfig = NTKConfig()) -> np.ndarray:
+    """:func:`ntk_from_dots`'s recursion in NumPy float32, in the calling thread, reusing its
+    buffers — for a few rows at a time (the served model): no XLA dispatch, whose hand-off to
+    another thread costs more than the arithmetic of a request's row. Equal to the jitted kernel
+    up to float32 rounding. ``dots`` is overwritten."""
+    w2 = np.float32(config.w_std**2)
+    b2 = np.float32(config.b_std**2)
+    scale = np.float32(config.w_std**2 / n_features)
+    inv_2pi = np.float32(1.0 / (2.0 * math.pi))
+    pi = np.float32(math.pi)
+    sigma = np.asarray(dots, dtype=np.float32)
+    sigma *= scale
+    sigma += b2
+    q_x = np.asarray(sq_x, dtype=np.float32) * scale + b2
+    q_y = np.asarray(sq_y, dtype=np.float32) * scale + b2
+    theta = sigma.copy()
+    root = np.empty_like(sigma)
+    angle = np.empty_like(sigma)
+    for _ in range(config.depth):
+        np.multiply(q_x[:, None], q_y[None, :], out=root)
+        root -= sigma * sigma
+        np.maximum(root, 0, out=root)
+        np.sqrt(root, out=root)  # s · sin θ
+        np.arctan2(root, sigma, out=angle)
+        np.subtract(pi, angle, out=angle)  # π − θ
+        sigma *= angle
+        sigma += root
+        sigma *= inv_2pi * w2
+        sigma += b2  # w² E[relu] + b²
+        theta *= angle
+        theta *= inv_2pi * w2
+        theta += sigma
+        q_x = w2 * q_x / 2 + b2
+        q_y = w2 * q_y / 2 + b2
+    return theta
+
+
 # the traceable recursion, for code that differentiates through the kernel (Distill-CF)
 ntk_jax = _ntk_from_dots
 

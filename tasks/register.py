@@ -236,8 +236,6 @@ def run(params: Params, lineage: Optional[dict[str, Any]] = None,
     import mlflow
     import pandas as pd
 
-    from tasks import serving
-
     log = log or say()
     lineage = lineage or {}
     paths, uri, name = params.paths(), params.tracking_uri(), params.registry.model_name
@@ -284,14 +282,7 @@ def run(params: Params, lineage: Optional[dict[str, Any]] = None,
     example = pd.DataFrame({"history": [[int(x) for x in dataset.item_ids[first]]], "k": [10]})
 
     def log_model():
-        return mlflow.pyfunc.log_model(
-            name="model", python_model=serving.__file__,
-            artifacts={serving.ARTIFACT_KEY: str(paths.model)},
-            code_paths=[str(PROJECT / "models"), str(PROJECT / "tasks")],
-            signature=serving.signature(), input_example=example,
-            pip_requirements=serving_requirements(),
-            model_config=params.serving.model_dump(),
-        )
+        return log_pyfunc(paths.model, params.serving.model_dump(), example)
 
     logged = registry.log_run(
         tracking_uri=uri, experiment=params.registry.experiment,
@@ -324,13 +315,31 @@ def selection_params(candidate: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def log_pyfunc(model_dir: Any, limits: dict[str, int], example: Any) -> Any:
+    """Log the model directory ``model_dir`` as the served pyfunc (:mod:`tasks.serving`, with this
+    checkout's ``models/`` and ``tasks/`` as its code) into the active MLflow run; returns the
+    ``ModelInfo``. ``limits``: ``serving.*``; ``example``: a request DataFrame."""
+    import mlflow
+
+    from tasks import serving
+
+    return mlflow.pyfunc.log_model(
+        name="model", python_model=serving.__file__,
+        artifacts={serving.ARTIFACT_KEY: str(model_dir)},
+        code_paths=[str(PROJECT / "models"), str(PROJECT / "tasks")],
+        signature=serving.signature(), input_example=example,
+        pip_requirements=serving_requirements(),
+        model_config=dict(limits),
+    )
+
+
 def serving_requirements() -> list[str]:
     """Pinned requirements of the served model: only what :mod:`tasks.serving` imports."""
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
     for pkg in ("mlflow", "numpy", "scipy", "polars", "pyarrow", "pandas", "jax", "jaxlib",
-                "pydantic", "pyyaml"):
+                "pydantic", "pyyaml", "threadpoolctl"):
         try:
             reqs.append(f"{pkg}=={version(pkg)}")
         except PackageNotFoundError:
