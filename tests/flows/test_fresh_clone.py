@@ -115,6 +115,65 @@ def test_make_run_reproduces_the_committed_reports_within_the_stated_tolerance(c
     assert "0.05 of the committed one for figures above 1" in text and "0.0005" in text
 
 
+# Every line of the README's fenced shell blocks is either run verbatim below, on the fresh clone
+# after `make run`, or named here with where it is tested (or why it cannot run on a laptop).
+README_RUN_HERE = re.compile(r"^\.venv/bin/infrec (versions|status|recommend|lineage)\b")
+README_ELSEWHERE = {
+    r"^make (run|test)\b": "the set-up commands: this module's `make run`, CI's `make test`",
+    r"^\.venv/bin/dvc (exp|metrics|plots) ": "the DVC experiment lines: tests in this module",
+    r"^\.venv/bin/mlflow (models serve|ui)|^curl -s http://127\.0\.0\.1:5001": "servers: the serve, "
+        "curl and browser tests in this module",
+    r"^(make server|infrec serve|infrec deploy|(PREFECT_\w+=\w+ )?prefect (server|worker) start)":
+        "Prefect servers, deployments and workers: tests/flows/test_schedule.py",
+    r"^\.venv/bin/infrec run --input /data/": "a placeholder path: the --input runs of "
+        "tests/flows/test_versions.py",
+    r"^\.venv/bin/infrec (rollback|promote) ": "change the registry: tests/flows/test_versions.py, "
+        "test_pipeline.py",
+    r"^(\.venv/bin/)?python -m bench\.": "benchmarks (minutes to hours): bench/, and "
+        "tests/bench, tests/models/test_jax_ranking.py",
+    r"^(dask (scheduler|worker)|infrec sweep)": "a Dask cluster: tests/tasks/test_cluster.py, "
+        "tests/flows/test_sweep.py",
+    r"^infrec mlflow-server": "tests/flows/test_mlflow_server.py",
+    r"^(export |dvc remote |--|evaluate:|dask_address:)": "settings for a shared deployment (other "
+        "hosts), continuation and YAML lines",
+}
+
+
+def _readme_shell_lines() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    lines = [ln.split("  #")[0].strip() for block in blocks for ln in block.splitlines()]
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def _forms(line: str) -> list[str]:
+    """A synopsis line with optional ``[parts]``: without them, and with each given."""
+    if "[" not in line:
+        return [line]
+    return [re.sub(r"\s*\[[^]]*\]", "", line), re.sub(r"\[([^]]*)\]", r"\1", line)]
+
+
+def test_every_readme_shell_line_runs_here_or_is_tested_elsewhere(clone):
+    """Each fenced README command that a user runs on the project after `make run` (versions,
+    status, recommend, lineage — optional ``[parts]`` without and with) exits 0 on the fresh
+    clone and prints something; every other fenced line matches a named place where it is
+    tested, so a new README command cannot go unchecked."""
+    ran, unclassified = [], []
+    for line in _readme_shell_lines():
+        if README_RUN_HERE.match(line):
+            for form in _forms(line):
+                proc = clone.run("bash", "-c", form, check=False, timeout=300)
+                assert proc.returncode == 0 and proc.stdout.strip(), (form, proc.returncode,
+                                                                      proc.stderr[-2000:])
+                assert "Traceback" not in proc.stderr, (form, proc.stderr[-2000:])
+                ran.append(form)
+        elif not any(re.search(p, line) for p in README_ELSEWHERE):
+            unclassified.append(line)
+    assert not unclassified, unclassified
+    assert len(ran) >= 8, ran
+    print(f"{len(ran)} README lines run verbatim:", *ran, sep="\n  ")
+
+
 def _experiment_lines() -> list[str]:
     """The shell lines of the README's "DVC experiments" block."""
     text = (REPO / "README.md").read_text()
