@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="validation metric that picks λ (∞-AE and EASE); the paper: hr@100")
     args = parser.parse_args(argv)
 
-    from models.baselines import fit_ease_select
+    from models.baselines import EASE_LAMBDAS, fit_ease_select
     from models.infinite_ae import evaluate, evaluate_score_batches, fit_select, kernel_matrix, support_gram
     from models.kernels import NTKConfig
     from tasks.data import load_dataset
@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
     ease_test = None
     if not args.no_ease:
         t0 = time.perf_counter()
-        ease, ease_path = fit_ease_select(dataset.train, dataset.val_set(), select_metric=args.metric)
+        ease, ease_path = fit_ease_select(dataset.train, dataset.val_set(), EASE_LAMBDAS,
+                                          select_metric=args.metric)
         ease_test = evaluate_score_batches(ease.iter_scores(dataset.test_set().context), dataset.test_set())
         say(f"EASE λ={ease.lam:g}: test {json.dumps({k: round(v, 4) for k, v in ease_test.items()})}"
             f" ({time.perf_counter() - t0:.1f}s)")

@@ -245,7 +245,8 @@ def fit_predict(data_dir: Path, args: argparse.Namespace) -> dict:
         rng = np.random.default_rng(args.seed + 1)
         users = np.sort(rng.choice(data.n_users, size=min(args.val_users, data.n_users), replace=False))
         val = EvalSet(context=data.train[users], targets=data.val[users], weights=data.item_weights)
-        model, path = fit_select(support, val, lambdas, config, kernel=kernel)
+        model, path = fit_select(support, val, lambdas, config, kernel=kernel,
+                                 select_metric="hr@100")
         say("  λ path (val hr@100 on {} users): {}".format(
             len(users), ", ".join(f"{r.lam:g}:{r.val['hr@100']:.2f}" for r in path)))
         say(f"  chose λ={model.lam:g}")

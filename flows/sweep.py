@@ -26,8 +26,8 @@ from tasks.sweep import lambda_point, select_best, summarise_budgets, summary_po
 @flow(name="infrec-lambda-sweep")
 def lambda_sweep(data_dir: str, lambdas: list[float], depth: int = 1,
                  support_path: Optional[str] = None, user_support: Optional[float] = None,
-                 seed: int = 0, batch_size: int = 2048,
-                 select_metric: str = "hr@100") -> dict[str, Any]:
+                 seed: int = 0, batch_size: int = 2048, *,
+                 select_metric: str) -> dict[str, Any]:
     futures = lambda_point.map(data_dir, lambdas, unmapped(depth), unmapped(support_path),
                                unmapped(user_support), unmapped(seed), unmapped(batch_size))
     path = [f.result() for f in futures]  # grid order
@@ -39,8 +39,8 @@ def lambda_sweep(data_dir: str, lambdas: list[float], depth: int = 1,
 
 @flow(name="infrec-summary-sweep")
 def summary_sweep(data_dir: str, out_dir: str, sampler: str, budgets: list[int], seeds: list[int],
-                  options: Optional[dict[str, Any]] = None,
-                  select_metric: str = "hr@100") -> dict[str, Any]:
+                  options: Optional[dict[str, Any]] = None, *,
+                  select_metric: str) -> dict[str, Any]:
     grid = [(b, s) for b in budgets for s in seeds]
     futures = summary_point.map(data_dir, unmapped(out_dir), unmapped(sampler),
                                 [b for b, _ in grid], [s for _, s in grid], unmapped(options))

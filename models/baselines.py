@@ -94,8 +94,8 @@ def ease_weights(gram: np.ndarray, lam: float) -> np.ndarray:
 def fit_ease_select(
     train: sp.spmatrix,
     val: EvalSet,
-    lambdas: Iterable[float] = EASE_LAMBDAS,
-    select_metric: str = "hr@100",
+    lambdas: Iterable[float],
+    select_metric: str,
     on_lambda: Callable[[float, dict[str, float], float], None] | None = None,
     *,
     items: np.ndarray | None = None,

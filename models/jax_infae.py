@@ -269,11 +269,11 @@ def solve_device(kernel: jax.Array, x: jax.Array, lam: float, trace_mean: float
 def fit_select_device(
     support: Any,
     val: EvalSet,
-    lambdas: Iterable[float] = FULL_DATA_LAMBDAS,
+    lambdas: Iterable[float],
     config: NTKConfig = NTKConfig(),
     *,
+    select_metric: str,
     support_is_val_context: bool = False,
-    select_metric: str = "hr@100",
     path_metrics: Iterable[str] | None = None,
     batch: int = DEFAULT_BATCH,
     kernel: jax.Array | None = None,

@@ -43,7 +43,7 @@ _UNKNOWN_ITEM_SCORE = np.float32(-3.0e38)
 
 
 def baseline_metrics(dataset: Dataset, *, ease_lambdas: Sequence[float] | None = None,
-                     select_metric: str = "hr@100", max_users: int | None = None,
+                     select_metric: str, max_users: int | None = None,
                      sample_seed: int = 0, ease_max_items: int | None = None,
                      dask_address: str | None = None, batch_size: int = 4096,
                      ease: dict[str, Any] | None = None,
@@ -100,7 +100,7 @@ def baseline_metrics(dataset: Dataset, *, ease_lambdas: Sequence[float] | None =
 
 def reference_metrics(dataset: Dataset, *, max_users: int = 20000, seed: int = 0,
                       lambdas: Sequence[float] | None = None, depth: int = 1,
-                      select_metric: str = "hr@100", batch_size: int = 2048,
+                      select_metric: str, batch_size: int = 2048,
                       eval_max_users: int | None = None, sample_seed: int = 0,
                       dask_address: str | None = None, kernel: NTKConfig | None = None,
                       log: Callable[[str], None] | None = None) -> dict[str, Any]:

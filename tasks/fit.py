@@ -91,7 +91,7 @@ def fit_dataset(
     *,
     lambdas: Sequence[float] | None = None,
     depth: int = 1,
-    select_metric: str = "hr@100",
+    select_metric: str,
     support_path: str | Path | None = None,
     user_support: float | None = None,
     seed: int = 0,

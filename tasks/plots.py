@@ -37,8 +37,8 @@ def _save(fig: Any, out_png: str | Path) -> Path:
 
 
 def plot_lambda_path(lambda_path: list[dict[str, Any]], out_png: str | Path,
-                     metrics: Iterable[str] = ("ndcg@10", "hr@100")) -> Path:
-    """Validation metrics versus λ on a log x axis."""
+                     metrics: Iterable[str]) -> Path:
+    """Validation ``metrics`` versus λ on a log x axis."""
     plt = _pyplot()
     positive = [p["lambda"] for p in lambda_path if p["lambda"] > 0]
     zero_at = min(positive) / 10 if positive else 1e-6  # where λ = 0 is drawn

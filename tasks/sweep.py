@@ -67,7 +67,7 @@ def evaluate_lambda(data_dir: str, lam: float, *, depth: int = 1,
     with _PREPARE_LOCK:  # threads of one worker share one K
         support, kernel, val, is_ctx, info, config = _prepared(*key)
     _, path = fit_select(support, val, [float(lam)], config, support_is_val_context=is_ctx,
-                         batch_size=batch_size, kernel=kernel)
+                         batch_size=batch_size, kernel=kernel, select_metric="hr@100")
     point = path[0]
     return {"lambda": point.lam, "lambda_scaled": point.lam_scaled,
             "stabilised": point.stabilised, "val": dict(point.val),
@@ -89,7 +89,7 @@ def evaluate_summary(data_dir: str, out_dir: str, sampler: str, budget: int, see
             "steps_run": report.get("steps_run"), "seconds": report.get("seconds")}
 
 
-def select_best(points: Sequence[dict[str, Any]], metric: str = "hr@100") -> dict[str, Any]:
+def select_best(points: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
     """The first point with the highest ``val[metric]`` (``fit_select``'s rule)."""
     best, best_value = None, float("-inf")
     for point in points:

@@ -41,11 +41,13 @@ def test_lambda_sweep_on_local_dask_matches_fit_select(data_dir):
     from tasks.data import load_dataset
     from tasks.fit import choose_support
 
-    result = run_lambda_sweep(data_dir, GRID, workers=2, processes=False)
+    result = run_lambda_sweep(data_dir, GRID, workers=2, processes=False,
+                              select_metric="hr@100")
 
     dataset = load_dataset(data_dir)
     support, _, is_ctx = choose_support(dataset)
-    model, path = fit_select(support, dataset.val_set(), GRID, support_is_val_context=is_ctx)
+    model, path = fit_select(support, dataset.val_set(), GRID, support_is_val_context=is_ctx,
+                             select_metric="hr@100")
     assert result["best_lambda"] == model.lam
     _assert_same_path(result["path"], path)
     best = next(r for r in path if r.lam == model.lam)
@@ -66,12 +68,12 @@ def test_user_sample_sweep_on_scheduler_address_matches_fit_select(data_dir):
                       host="127.0.0.1", scheduler_port=0, dashboard_address=None) as cluster:
         assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
         result = run_lambda_sweep(data_dir, GRID, address=cluster.scheduler_address,
-                                  user_support=0.5, seed=3)
+                                  user_support=0.5, seed=3, select_metric="hr@100")
 
     dataset = load_dataset(data_dir)
     support, info, is_ctx = choose_support(dataset, user_support=0.5, seed=3)
     assert not is_ctx
-    model, path = fit_select(support, dataset.val_set(), GRID)
+    model, path = fit_select(support, dataset.val_set(), GRID, select_metric="hr@100")
     assert result["best_lambda"] == model.lam
     _assert_same_path(result["path"], path)
     assert result["support"] == info
@@ -82,7 +84,7 @@ def test_summary_sweep_matches_distill_dataset(data_dir, tmp_path):
     from tasks.distill import distill_dataset
 
     result = run_summary_sweep(data_dir, tmp_path / "sweep", "random", [40, 80], [0, 1],
-                               workers=2, processes=False)
+                               workers=2, processes=False, select_metric="hr@100")
     points = {(p["budget"], p["seed"]): p for p in result["points"]}
     assert sorted(points) == [(40, 0), (40, 1), (80, 0), (80, 1)]
     for (budget, seed), point in points.items():
@@ -112,7 +114,8 @@ def test_sweep_cli(data_dir, restore_environ):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     dataset = load_dataset(data_dir)
     support, _, is_ctx = choose_support(dataset)
-    model, path = fit_select(support, dataset.val_set(), [1, 5, 50], support_is_val_context=is_ctx)
+    model, path = fit_select(support, dataset.val_set(), [1, 5, 50], support_is_val_context=is_ctx,
+                             select_metric="hr@100")
     assert out["best_lambda"] == model.lam
     _assert_same_path(out["path"], path)
 

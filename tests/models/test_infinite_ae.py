@@ -53,8 +53,10 @@ def test_support_shortcut_equals_explicit_kernel_scores():
     train, val, w = low_rank_data(1)
     ev = EvalSet(context=train, targets=val, weights=w,
                  negatives=np.tile(np.arange(5), (train.shape[0], 1)))
-    fast_model, fast = fit_select(train, ev, [0.5, 5, 50], support_is_val_context=True)
-    slow_model, slow = fit_select(train, ev, [0.5, 5, 50], support_is_val_context=False)
+    fast_model, fast = fit_select(train, ev, [0.5, 5, 50], support_is_val_context=True,
+                                  select_metric="hr@100")
+    slow_model, slow = fit_select(train, ev, [0.5, 5, 50], support_is_val_context=False,
+                                  select_metric="hr@100")
     assert fast_model.lam == slow_model.lam
     for a, b in zip(fast, slow):
         for key in ("hr@10", "hr@100", "ndcg@10"):
@@ -106,7 +108,8 @@ def test_support_user_scores_from_the_gram_equal_direct_scores():
 def test_beats_popularity_and_selects_best_lambda():
     train, val, w = low_rank_data(2, n=200, m=80)
     ev = EvalSet(context=train, targets=val, weights=w)
-    model, path = fit_select(train, ev, [1, 5, 20, 100], support_is_val_context=True)
+    model, path = fit_select(train, ev, [1, 5, 20, 100], support_is_val_context=True,
+                             select_metric="hr@100")
     best = max(path, key=lambda r: r.val["hr@100"])
     assert model.lam == best.lam
     pop = evaluate_score_batches(PopRec.fit(train).iter_scores(train), ev)
@@ -132,7 +135,8 @@ def test_duplicate_rows_at_lambda_zero_warn_and_stay_finite():
     dup_val = sp.vstack([val, val[:20]]).tocsr()
     ev = EvalSet(context=dup, targets=dup_val, weights=w)
     with pytest.warns(SingularKernelWarning):
-        model, path = fit_select(dup, ev, [0.0, 1.0], support_is_val_context=False)
+        model, path = fit_select(dup, ev, [0.0, 1.0], support_is_val_context=False,
+                                 select_metric="hr@100")
     assert path[0].stabilised and path[0].lam_scaled > 0
     k = kernel_matrix(dup)
     with pytest.warns(SingularKernelWarning):
@@ -146,8 +150,10 @@ def test_duplicate_rows_at_lambda_zero_warn_and_stay_finite():
 def test_depth_changes_the_kernel_but_fits_fine():
     train, val, w = low_rank_data(5)
     ev = EvalSet(context=train, targets=val, weights=w)
-    m1, _ = fit_select(train, ev, [5], NTKConfig(depth=1), support_is_val_context=True)
-    m2, _ = fit_select(train, ev, [5], NTKConfig(depth=2), support_is_val_context=True)
+    m1, _ = fit_select(train, ev, [5], NTKConfig(depth=1), support_is_val_context=True,
+                       select_metric="hr@100")
+    m2, _ = fit_select(train, ev, [5], NTKConfig(depth=2), support_is_val_context=True,
+                       select_metric="hr@100")
     assert not np.allclose(m1.alpha, m2.alpha)
     assert m2.config.depth == 2
 
@@ -162,7 +168,8 @@ def test_ease_closed_form_matches_definition():
     np.fill_diagonal(want, 0)
     np.testing.assert_allclose(b, want, rtol=1e-4, atol=1e-6)
     assert np.all(np.diag(b) == 0)
-    model, path = fit_ease_select(train, EvalSet(context=train, targets=val, weights=w), [1, 1000])
+    model, path = fit_ease_select(train, EvalSet(context=train, targets=val, weights=w), [1, 1000],
+                                  select_metric="hr@100")
     assert isinstance(model, EASE) and len(path) == 2
     assert model.lam == max(path, key=lambda r: r["val"]["hr@100"])["lambda"]
 
@@ -192,11 +199,13 @@ def test_accelerator_code_path_gives_the_cpu_results(monkeypatch):
 
     train, val, w = low_rank_data(6, n=700, m=90)  # 700 rows: padded to 1024 on the JAX branch
     ev = EvalSet(context=train, targets=val, weights=w)
-    cpu_model, cpu_path = fit_select(train, ev, [1, 5, 50], support_is_val_context=True)
+    cpu_model, cpu_path = fit_select(train, ev, [1, 5, 50], support_is_val_context=True,
+                                     select_metric="hr@100")
     cpu_test = evaluate(cpu_model, ev, batch_size=300)
     monkeypatch.setattr(ia, "_accelerated", lambda: True)
     monkeypatch.setattr(kernels, "accelerated", lambda: True)
-    acc_model, acc_path = fit_select(train, ev, [1, 5, 50], support_is_val_context=True)
+    acc_model, acc_path = fit_select(train, ev, [1, 5, 50], support_is_val_context=True,
+                                     select_metric="hr@100")
     acc_test = evaluate(acc_model, ev, batch_size=300)
     assert acc_model.lam == cpu_model.lam
     np.testing.assert_allclose(acc_model.alpha, cpu_model.alpha, rtol=1e-4, atol=1e-4 * np.abs(cpu_model.alpha).max())
@@ -213,9 +222,10 @@ def test_path_metrics_hit_rate_only_keeps_the_choice_and_the_kept_metrics(is_ctx
     ev = EvalSet(context=train, targets=val, weights=w,
                  negatives=np.tile(np.arange(5), (train.shape[0], 1)))
     grid = [0.0, 1.0, 5.0, 50.0]
-    full_model, full = fit_select(train, ev, grid, support_is_val_context=is_ctx)
+    full_model, full = fit_select(train, ev, grid, support_is_val_context=is_ctx,
+                                  select_metric="hr@100")
     fast_model, fast = fit_select(train, ev, grid, support_is_val_context=is_ctx,
-                                  path_metrics=("hr@100",))
+                                  path_metrics=("hr@100",), select_metric="hr@100")
     assert fast_model.lam == full_model.lam
     np.testing.assert_array_equal(fast_model.alpha, full_model.alpha)
     for a, b in zip(fast, full):

@@ -146,7 +146,7 @@ def test_truncated_model_is_one_line(fitted, tmp_path):
 
 def test_user_support_sample(stage_params):
     ds = load_dataset(stage_params.paths().processed)
-    model, report = fit_dataset(ds, user_support=0.5, lambdas=[1, 5])
+    model, report = fit_dataset(ds, user_support=0.5, lambdas=[1, 5], select_metric="hr@100")
     assert report["support"]["kind"] == "user_sample"
     assert model.support.shape[0] == round(0.5 * ds.n_users)
 

@@ -34,7 +34,7 @@ def wrapped(tmp_path_factory):
     write_synthetic(root / "raw.csv", n_users=120, n_items=150, seed=1)
     ingest(root / "raw.csv", root / "data")
     ds = load_dataset(root / "data")
-    model, report = fit_dataset(ds, lambdas=[1.0])
+    model, report = fit_dataset(ds, lambdas=[1.0], select_metric="hr@100")
     save_model(model, root / "model", ds.item_ids, report, ds.data_version)
     py = InfAEPyfunc().load_dir(str(root / "model"), LIMITS)
     py.model_dir = str(root / "model")
