@@ -12,6 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 pytestmark = pytest.mark.slow  # `make test-fast` leaves it out: locks held by other processes
 
 HOLD = textwrap.dedent("""
