@@ -34,7 +34,7 @@ from models.kernels import NTKConfig
 from models.metrics import sample_users
 from tasks.cluster import evaluate_scorer
 from tasks.data import Dataset, load_dataset
-from tasks.io import read_json, write_json
+from tasks.io import read_json, without_timings, write_json
 from tasks.params import Params
 from tasks.runtime import say, task_options
 
@@ -254,7 +254,7 @@ def run(params: Params, log: Optional[Callable[[str], None]] = None) -> dict[str
                   "sample": candidate.get("sample")}
     evaluation = {"summary": summarise(evaluation, metric), **evaluation}
     evaluation["summary"]["gates"] = data_gates(params, evaluation, dataset)
-    write_json(paths.evaluation, evaluation)
+    write_json(paths.evaluation, without_timings(evaluation))
     return evaluation
 
 

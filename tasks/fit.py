@@ -38,7 +38,7 @@ from tasks import stop
 from tasks.cluster import evaluate_scorer
 from tasks.data import Dataset, load_dataset
 from tasks.errors import InputError
-from tasks.io import write_json
+from tasks.io import without_timings, write_json
 from tasks.model_store import save_model
 from tasks.params import Params
 from tasks.runtime import say, task_options
@@ -510,8 +510,10 @@ def run(params: Params, log: Optional[Callable[[str], None]] = None) -> dict[str
     paths, metric = params.paths(), params.selection.metric
     dataset = load_dataset(paths.processed)
     model, report = fit_candidate(dataset, params, support_path=paths.summary, log=log)
-    save_model(model, paths.model, dataset.item_ids, report, dataset.data_version, overwrite=True)
-    write_json(paths.metrics, report["metrics"])
+    tracked = without_timings(report["metrics"])  # DVC outputs: the same bytes on every run
+    save_model(model, paths.model, dataset.item_ids, {**report, "metrics": tracked},
+               dataset.data_version, overwrite=True)
+    write_json(paths.metrics, tracked)
     write_json(paths.lambda_path, report["lambda_path"])
     plot_lambda_path(report["lambda_path"], paths.plots / "lambda_path.png",
                      metrics=dict.fromkeys([metric, "hr@100"]))

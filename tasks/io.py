@@ -81,6 +81,17 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def without_timings(obj: Any) -> Any:
+    """``obj`` without its ``seconds`` entries, at any depth: what DVC tracks (the model directory,
+    the reports) is a function of the data, params and code — `infrec run` and `dvc repro` give
+    the same hashes — so wall times go to the log, the run summary and MLflow instead."""
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [without_timings(v) for v in obj]
+    return obj
+
+
 def sha256_file(path: str | Path, src: str | None = None) -> str:
     """Full SHA-256 hex digest of a file (an :class:`InputError` naming it when unreadable)."""
     h = hashlib.sha256()
@@ -134,4 +145,5 @@ def read_json(path: str | Path, what: str = "file") -> Any:
 
 
 __all__ = ["atomic_dir", "atomic_file", "write_text", "write_json", "read_json", "sha256_file",
+           "without_timings",
            "content_hash", "sweep_temporaries"]

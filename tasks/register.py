@@ -218,7 +218,8 @@ def run_metrics(evaluation: dict[str, Any], distill_report: dict[str, Any],
         for split in ("val", "test"):
             metrics.update({key("family", family, split, k): v
                             for k, v in (block.get(split) or {}).items()})
-        metrics[key("family", family, "seconds")] = block.get("seconds", float("nan"))
+        if "seconds" in block:  # in memory only: the reports DVC tracks carry no timings
+            metrics[key("family", family, "seconds")] = block["seconds"]
     if "weight" in cand:
         metrics["blend/weight"] = cand["weight"]
     metrics["distill/best_step"] = distill_report["best_step"]
