@@ -91,6 +91,22 @@ def ease_weights(gram: np.ndarray, lam: float) -> np.ndarray:
     return b.astype(np.float32)
 
 
+def ease_items(train: sp.spmatrix, max_items: int | None) -> tuple[np.ndarray | None, str, float]:
+    """``(items, description, coverage)`` of the EASE baseline: every item (``items`` None) up to
+    ``max_items`` (``evaluate.ease_max_items``), else the ``max_items`` most popular, with the
+    share of train interactions on them. One rule for the fit and the evaluate stage."""
+    n_items = train.shape[1]
+    if max_items is None or n_items <= max_items:
+        return None, f"EASE on all {n_items} items", 1.0
+    items = most_popular_items(train, max_items)
+    counts = np.asarray(train.sum(axis=0)).ravel()
+    coverage = float(counts[items].sum() / max(counts.sum(), 1))
+    description = (f"EASE on the {len(items)} most popular of {n_items} items "
+                   f"(evaluate.ease_max_items; {100 * coverage:.1f}% of train interactions), "
+                   "other items score lowest")
+    return items, description, coverage
+
+
 def fit_ease_select(
     train: sp.spmatrix,
     val: EvalSet,

@@ -28,7 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 from prefect import task
 
-from models.baselines import EASE_LAMBDAS, PopRec, fit_ease_select, most_popular_items
+from models.baselines import EASE_LAMBDAS, PopRec, ease_items, fit_ease_select
 from models.infinite_ae import InfAE, batch_rows, evaluate, evaluate_score_batches
 from models.kernels import NTKConfig
 from models.metrics import sample_users
@@ -66,9 +66,7 @@ def baseline_metrics(dataset: Dataset, *, ease_lambdas: Sequence[float] | None =
         return {"poprec": {"val": pop_val, "test": pop_test, "test_ci95": pop_test_stats["ci95"]},
                 "ease": {k: ease[k] for k in ("lambda", "val", "test", "test_ci95", "description",
                                               "items", "coverage")}}
-    items = None
-    if ease_max_items is not None and dataset.n_items > ease_max_items:
-        items = most_popular_items(dataset.train, ease_max_items)
+    items, description, coverage = ease_items(dataset.train, ease_max_items)
     t0 = time.perf_counter()
     ease, path = fit_ease_select(dataset.train, val, ease_lambdas or EASE_LAMBDAS,
                                  select_metric=select_metric, items=items,
@@ -80,14 +78,6 @@ def baseline_metrics(dataset: Dataset, *, ease_lambdas: Sequence[float] | None =
     ease_test = evaluate_scorer(ease, test, batch_size=batch_size, address=dask_address,
                                 stats=ease_test_stats)
     m = select_metric
-    counts = np.asarray(dataset.train.sum(axis=0)).ravel()
-    if items is None:
-        description, coverage = f"EASE on all {dataset.n_items} items", 1.0
-    else:
-        coverage = float(counts[items].sum() / max(counts.sum(), 1))
-        description = (f"EASE on the {len(items)} most popular of {dataset.n_items} items "
-                       f"(evaluate.ease_max_items; {100 * coverage:.1f}% of train interactions), "
-                       "other items score lowest")
     say_(f"PopRec val {m}={pop_val[m]:.2f}; {description}: λ={ease.lam:g} val {m}="
          f"{ease_val[m]:.2f} test {m}={ease_test[m]:.2f} ({time.perf_counter() - t0:.1f}s)")
     return {

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 from prefect import task
 
-from models.baselines import EASE, EASE_LAMBDAS, fit_ease_select, most_popular_items
+from models.baselines import EASE, EASE_LAMBDAS, ease_items, fit_ease_select
 from models.blend import Blend, mix, select_weight, zscore_rows
 from models.infinite_ae import (FULL_DATA_LAMBDAS, SUMMARY_LAMBDAS, InfAE, LambdaGridError,
                                 batch_accumulator, batch_rows, evaluate, evaluation_plan,
@@ -423,22 +423,12 @@ def tuned_ease(dataset: Dataset, val: Any, params: Params,
     compare with: the evaluate stage reuses this block (``lambdas``, ``max_items`` say which)."""
     ev, metric = params.evaluate, params.selection.metric
     lambdas = list(ev.ease_lambdas or EASE_LAMBDAS)
-    items = None
-    if dataset.n_items > ev.ease_max_items:
-        items = most_popular_items(dataset.train, ev.ease_max_items)
+    items, description, coverage = ease_items(dataset.train, ev.ease_max_items)
     t0 = time.perf_counter()
     ease, path = fit_ease_select(dataset.train, val, lambdas, select_metric=metric, items=items,
                                  on_lambda=lambda lam, m, sec: (log(
                                      f"EASE λ={lam:g}: val {metric}={m[metric]:.2f} ({sec:.1f}s)"),
                                      stop.check()))
-    counts = np.asarray(dataset.train.sum(axis=0)).ravel()
-    if items is None:
-        description, coverage = f"EASE on all {dataset.n_items} items", 1.0
-    else:
-        coverage = float(counts[items].sum() / max(counts.sum(), 1))
-        description = (f"EASE on the {len(items)} most popular of {dataset.n_items} items "
-                       f"(evaluate.ease_max_items; {100 * coverage:.1f}% of train interactions), "
-                       "other items score lowest")
     block = {"lambda": ease.lam, "val": next(p["val"] for p in path if p["lambda"] == ease.lam),
              "description": description, "items": int(ease.n_items_fitted), "coverage": coverage,
              "lambdas": lambdas, "max_items": ev.ease_max_items, "select_metric": metric,
